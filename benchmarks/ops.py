@@ -1,0 +1,110 @@
+"""Fused ops vs their pure-torch references, one op at a time, on realistic UNet shapes.
+
+    python benchmarks/ops.py [--runs 30] [--backends auto compile] [--out benchmarks/results/ops.json]
+
+Each case runs the reference and each backend alternately (so load changes on a shared machine hit both
+alike), reports the median time of ``--runs`` runs after warm-up and the ratio reference / fused, prints
+a table and writes JSON. Threads: torch's setting as is. A CUDA section follows when CUDA is present.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from minidiff import ops
+from minidiff.files import write_json
+
+GN_SHAPES = [(8, 128, 32, 32), (8, 256, 16, 16), (8, 64, 64, 64)]
+ATTENTION_CASES = [((8, 256, 256), 1), ((8, 256, 256), 8), ((8, 1024, 128), 1)]
+UPDATE_SHAPES = [(16, 3, 64, 64), (8, 4, 64, 64)]
+
+
+def _group_norm_cases(device: str) -> list[tuple[str, str, Callable[[], object]]]:
+    cases = []
+    for shape in GN_SHAPES:
+        x = torch.randn(shape, device=device)
+        c = shape[1]
+        w, b = torch.randn(c, device=device), torch.randn(c, device=device)
+        t, s = torch.randn(shape[0], c, device=device), torch.randn(shape[0], c, device=device)
+        variants = {"silu": {}, "silu+add": dict(add=t), "silu+scale_shift": dict(scale=s, shift=t)}
+        for name, kwargs in variants.items():
+            cases.append((f"group_norm_act {name}", str(shape),
+                          lambda x=x, w=w, b=b, kwargs=kwargs: ops.group_norm_act(x, w, b, 32, 1e-5, **kwargs)))
+    x = torch.randn(GN_SHAPES[0], device=device)
+    w, b = torch.randn(x.shape[1], device=device), torch.randn(x.shape[1], device=device)
+    for label, xv in (("channels_last", x.to(memory_format=torch.channels_last)), ("bf16", x.bfloat16())):
+        cases.append((f"group_norm_act silu {label}", str(tuple(x.shape)),
+                      lambda xv=xv, w=w, b=b: ops.group_norm_act(xv, w, b, 32, 1e-5)))
+    return cases
+
+
+def _other_cases(device: str) -> list[tuple[str, str, Callable[[], object]]]:
+    cases = []
+    for shape, heads in ATTENTION_CASES:
+        q, k, v = (torch.randn(shape, device=device) for _ in range(3))
+        cases.append((f"attention heads={heads}", str(shape), lambda q=q, k=k, v=v, h=heads: ops.attention(q, k, v, h)))
+    for shape in UPDATE_SHAPES:
+        x, m, n = (torch.randn(shape, device=device) for _ in range(3))
+        cases.append(("ddim_update eps clip eta=1", str(shape),
+                      lambda x=x, m=m, n=n: ops.ddim_update(x, m, 0.5, 0.6, 0.2, n, "epsilon", 1.0)))
+        cases.append(("ddpm_update eps clip", str(shape),
+                      lambda x=x, m=m, n=n: ops.ddpm_update(x, m, 0.5, 0.6, 0.1, n, "epsilon", 1.0)))
+    return cases
+
+
+def _time_alternately(fns: dict[str, Callable[[], object]], runs: int, device: str) -> dict[str, float]:
+    """Median milliseconds of each backend's call, the backends taking turns on every run."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for i in range(runs + 3):  # the first 3 rounds warm up (and build or compile the kernels)
+        for name, fn in fns.items():
+            with ops.backend(name):
+                sync()
+                start = time.perf_counter()
+                fn()
+                sync()
+                if i >= 3:
+                    times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def run(device: str, backends: list[str], runs: int) -> list[dict]:
+    rows = []
+    backends = [b for b in backends if b != {"cpu": "triton", "cuda": "cpu"}[device]]
+    torch.manual_seed(0)
+    for op, shape, fn in _group_norm_cases(device) + _other_cases(device):
+        medians = _time_alternately({name: fn for name in ["reference", *backends]}, runs, device)
+        for name in backends:
+            rows.append(dict(device=device, op=op, shape=shape, backend=name, reference_ms=medians["reference"],
+                             fused_ms=medians[name], ratio=medians["reference"] / medians[name]))
+            print(f"{device:5} {op:34} {shape:18} {name:8} {medians['reference']:9.3f} {medians[name]:9.3f} "
+                  f"{rows[-1]['ratio']:6.2f}x", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--backends", nargs="+", default=["auto"], choices=[b for b in ops.BACKENDS if b != "reference"])
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ops.json")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print(f"{'dev':5} {'op':34} {'shape':18} {'backend':8} {'ref ms':>9} {'fused ms':>9} {'ratio':>7}")
+    with torch.inference_mode():
+        rows = run("cpu", args.backends, args.runs)
+        if torch.cuda.is_available():
+            rows += run("cuda", args.backends, args.runs)
+    meta = dict(torch=torch.__version__, threads=torch.get_num_threads(), cpu=platform.processor(),
+                cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None, runs=args.runs)
+    write_json(args.out, dict(meta=meta, results=rows))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

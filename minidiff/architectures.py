@@ -1,0 +1,51 @@
+"""diffusers config.json dicts of real checkpoints' UNets (read from the hub configs; see
+shared/reference/diffusers-format.md section 3). Tests prove parity on them and benchmarks time them:
+``UNet.from_config(ARCHITECTURES["ddpm-cifar10-32"])`` builds the architecture with random weights."""
+from __future__ import annotations
+
+from typing import Any
+
+_DOWN, _ATTN_DOWN = "DownBlock2D", "AttnDownBlock2D"
+_UP, _ATTN_UP = "UpBlock2D", "AttnUpBlock2D"
+_GOOGLE = dict(_class_name="UNet2DModel", attention_head_dim=None, downsample_padding=0, flip_sin_to_cos=False,
+               freq_shift=1, norm_eps=1e-6, norm_num_groups=32, layers_per_block=2, act_fn="silu",
+               in_channels=3, out_channels=3, center_input_sample=False, time_embedding_type="positional",
+               mid_block_scale_factor=1)
+
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    # google/ddpm-cifar10-32 (35.7M parameters, the DDPM paper's CIFAR-10 model)
+    "ddpm-cifar10-32": dict(_GOOGLE, sample_size=32, block_out_channels=[128, 256, 256, 256],
+                            down_block_types=[_DOWN, _ATTN_DOWN, _DOWN, _DOWN],
+                            up_block_types=[_UP, _UP, _ATTN_UP, _UP]),
+    # google/ddpm-celebahq-256 and google/ddpm-bedroom-256 (113.7M parameters)
+    "ddpm-celebahq-256": dict(_GOOGLE, sample_size=256, block_out_channels=[128, 128, 256, 256, 512, 512],
+                              down_block_types=[_DOWN] * 4 + [_ATTN_DOWN, _DOWN],
+                              up_block_types=[_UP, _ATTN_UP] + [_UP] * 4),
+    # johnowhitaker/ddpm-butterflies-32px, base of the course's sd-class-butterflies-32 (18.5M parameters)
+    "ddpm-butterflies-32": dict(_class_name="UNet2DModel", sample_size=32, in_channels=3, out_channels=3,
+                                block_out_channels=[64, 128, 128, 256], layers_per_block=2,
+                                down_block_types=[_DOWN, _DOWN, _ATTN_DOWN, _ATTN_DOWN],
+                                up_block_types=[_ATTN_UP, _ATTN_UP, _UP, _UP], attention_head_dim=8,
+                                downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, norm_eps=1e-5,
+                                norm_num_groups=32),
+    # the course's class-conditioned MNIST UNet (notebook 02): 1 image + 4 label-embedding channels
+    "course-mnist-28": dict(_class_name="UNet2DModel", sample_size=28, in_channels=1, out_channels=1,
+                            class_embed_type="concat", num_class_embeds=10, class_embed_dim=4,
+                            block_out_channels=[32, 64, 64], layers_per_block=2,
+                            down_block_types=[_DOWN, _ATTN_DOWN, _ATTN_DOWN],
+                            up_block_types=[_ATTN_UP, _ATTN_UP, _UP]),
+    # openai/diffusers-cd_imagenet64_l2's layout (scale_shift, resnet resampling, class embedding), narrower
+    "cd-imagenet64-narrow": dict(_class_name="UNet2DModel", sample_size=64, in_channels=3, out_channels=3,
+                                 block_out_channels=[32, 64, 96, 128], layers_per_block=3, attention_head_dim=16,
+                                 attn_norm_num_groups=8, norm_num_groups=8, num_class_embeds=1000,
+                                 down_block_types=["ResnetDownsampleBlock2D", _ATTN_DOWN, _ATTN_DOWN, _ATTN_DOWN],
+                                 up_block_types=[_ATTN_UP, _ATTN_UP, _ATTN_UP, "ResnetUpsampleBlock2D"],
+                                 downsample_type="resnet", upsample_type="resnet",
+                                 resnet_time_scale_shift="scale_shift", dropout=0.0),
+    # a small UNet2DConditionModel (cross-attention to a sequence), Stable-Diffusion-like layout
+    "small-cross-attention": dict(_class_name="UNet2DConditionModel", sample_size=16, in_channels=4, out_channels=4,
+                                  block_out_channels=[32, 64, 64], layers_per_block=2, norm_num_groups=8,
+                                  down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", _DOWN],
+                                  up_block_types=[_UP, "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+                                  attention_head_dim=4, cross_attention_dim=24),
+}

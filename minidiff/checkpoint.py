@@ -1,0 +1,141 @@
+"""Training checkpoints on disk: the folder format, atomic writes, the newest one, pruning, RNG states.
+
+A checkpoint is the folder ``<root>/step_XXXXXXX`` holding ``unet/`` (trained weights) and ``ema/`` (EMA
+weights), both diffusers model folders, ``training_state.pt`` (optimizer, loss scaler, the RNG states of
+every process; read back with ``weights_only=True``) and ``trainer_state.json`` (step, data position, EMA
+update count, config). It is written under a temporary name beside it and renamed into place only when
+complete: a crash mid-write never leaves a half-written ``step_*`` folder, and older ones are untouched.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from .files import read_json, write_json
+from .io import check_state_dict, load_state_dict
+
+TRAINING_STATE, TRAINER_STATE = "training_state.pt", "trainer_state.json"
+
+STEP_DIR = re.compile(r"^step_(\d{7,})$")
+
+
+def step_dir(root: str | os.PathLike, step: int) -> Path:
+    return Path(root) / f"step_{step:07d}"
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``path``; rename it to ``path`` if the block succeeds,
+    delete it if it raises. ``path`` must not exist yet."""
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path}: already exists; refusing to overwrite a checkpoint")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, folder) of the complete checkpoints under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m[1]), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
+    return sorted(found)
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint folder under ``root``, or None."""
+    found = list_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def prune_checkpoints(root: str | os.PathLike, keep: int) -> None:
+    """Delete all but the ``keep`` newest checkpoints."""
+    for _, folder in list_checkpoints(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(folder)
+
+
+def remove_partial(root: str | os.PathLike) -> None:
+    """Delete the temporary folders a killed writer left under ``root`` (call before writing starts)."""
+    for leftover in Path(root).glob(".step_*.tmp"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def save_checkpoint(folder: str | os.PathLike, *, unet: nn.Module, ema_model: nn.Module | None,
+                    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                    rng_states: list[dict[str, Any]], info: dict[str, Any]) -> Path:
+    """Write a checkpoint folder atomically (see the module docstring)."""
+    with atomic_dir(folder) as tmp:
+        unet.save_pretrained(tmp / "unet")
+        if ema_model is not None:
+            ema_model.save_pretrained(tmp / "ema")
+        torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                    "rng": rng_states}, tmp / TRAINING_STATE)
+        write_json(tmp / TRAINER_STATE, info)
+    return Path(folder)
+
+
+def load_checkpoint(folder: str | os.PathLike, *, unet: nn.Module, ema_model: nn.Module | None,
+                    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None
+                    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Load a checkpoint into the given objects; returns (trainer_state.json, per-process RNG states)."""
+    folder = Path(folder)
+    info = read_json(folder / TRAINER_STATE)
+    _load_weights(unet, folder / "unet")
+    if ema_model is not None:
+        if not (folder / "ema").is_dir():
+            raise FileNotFoundError(f"{folder}: no ema/ weights, but this run keeps an EMA (ema_decay > 0)")
+        _load_weights(ema_model, folder / "ema")
+    state = torch.load(folder / TRAINING_STATE, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state["scaler"] is not None:
+        scaler.load_state_dict(state["scaler"])
+    return info, state["rng"]
+
+
+def _load_weights(model: nn.Module, folder: Path) -> None:
+    state = load_state_dict(folder)
+    check_state_dict(model, state)
+    model.load_state_dict(state)
+
+
+# ------------------------------------------------------------------------------------------ RNG
+def capture_rng(generator: torch.Generator) -> dict[str, Any]:
+    """Every random state a training step reads: python, numpy, torch CPU and CUDA, and ``generator``.
+    Only tensors and plain Python values, so ``torch.load(weights_only=True)`` reads it back."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "generator": generator.get_state(),
+    }
+
+
+def restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
+    """Inverse of ``capture_rng``."""
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    generator.set_state(state["generator"])

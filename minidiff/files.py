@@ -1,0 +1,60 @@
+"""Small file helpers shared by the loaders and savers: strict JSON reading, atomic writes,
+and finding a component (``unet/``, ``scheduler/``) inside a diffusers folder."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+PathLike = str | os.PathLike
+
+
+def read_json(path: PathLike) -> dict[str, Any]:
+    """Read a JSON object, naming the file in the error when it is missing or malformed."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: malformed JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds,
+    so a crash never leaves a half-written file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: PathLike, data: dict[str, Any]) -> None:
+    """Write ``data`` as indented, key-sorted JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def component_dir(path: PathLike, subfolder: str, marker: str) -> Path:
+    """The folder holding ``marker`` for a component: ``path/subfolder`` of a pipeline folder,
+    or ``path`` itself (a component folder, or the flat layout of google/ddpm-* repos)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: not a directory")
+    for candidate in (path / subfolder, path):
+        if (candidate / marker).is_file():
+            return candidate
+    raise FileNotFoundError(f"{path}: no {marker} in it or in its '{subfolder}/' subfolder")

@@ -1,0 +1,424 @@
+"""DDPM and DDIM schedulers: immutable noise schedules, pure step math, a diffusers-compatible facade.
+
+A scheduler holds a frozen config (diffusers' ``scheduler_config.json`` field names) and the float32
+tensors ``betas``, ``alphas``, ``alphas_cumprod`` (alpha_bar), built once. Nothing changes after
+construction: ``timesteps(N)`` and ``previous_timestep(t, N)`` replace diffusers' ``set_timesteps`` state,
+``update(model_output, t, prev_t, sample, noise)`` is the pure step, and ``step(...)`` draws the noise
+exactly when and how diffusers does (same generator, same numbers).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .files import PathLike, component_dir, read_json, write_json
+
+CONFIG_NAME = "scheduler_config.json"
+DIFFUSERS_VERSION = "0.42.1"  # written into saved configs; diffusers reads them as its own
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+# fixed_large_log is left out: diffusers takes sqrt(log(beta)) there, which is NaN.
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range")
+# Keys of diffusers scheduler configs that never change the math: bookkeeping, and keys of old versions
+# (``timestep_values`` and ``tensor_format`` appear in the google/ddpm-* configs).
+IGNORED_KEYS = frozenset({"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values",
+                          "timestep_values", "tensor_format"})
+_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str}
+
+Generator = torch.Generator | Sequence[torch.Generator] | None
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Fields shared by DDPM and DDIM, with diffusers' names and defaults."""
+    num_train_timesteps: int = 1000        # T, the length of the training chain
+    beta_start: float = 0.0001             # beta_1 of the linear-type schedules
+    beta_end: float = 0.02                 # beta_T
+    beta_schedule: str = "linear"          # see beta_schedules
+    trained_betas: tuple[float, ...] | None = None  # explicit betas; overrides beta_schedule
+    clip_sample: bool = True               # clamp the predicted x0 to +-clip_sample_range
+    clip_sample_range: float = 1.0
+    prediction_type: str = "epsilon"       # the model predicts eps, x0 ("sample") or v
+    thresholding: bool = False             # dynamic thresholding of x0 (Saharia et al. 2022); wins over clip
+    dynamic_thresholding_ratio: float = 0.995  # quantile of |x0| taken as the threshold
+    sample_max_value: float = 1.0          # upper bound of that threshold
+    timestep_spacing: str = "leading"      # how timesteps(N) picks N of the T steps
+    steps_offset: int = 0                  # added to "leading" timesteps (Stable Diffusion uses 1)
+    rescale_betas_zero_snr: bool = False   # rescale to zero terminal SNR (Lin et al. 2024, Alg. 1)
+
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {
+        "beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
+        "prediction_type": PREDICTION_TYPES,
+        "timestep_spacing": TIMESTEP_SPACINGS,
+    }
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name == "trained_betas":
+                value = None if value is None else tuple(float(b) for b in value)
+            elif isinstance(value, bool) != (field.type == "bool") or not isinstance(value, _TYPES[field.type]):
+                raise TypeError(f"{name}.{field.name}={value!r}: expected {field.type}")
+            elif field.type == "float":
+                value = float(value)
+            object.__setattr__(self, field.name, value)
+        for field_name, allowed in self.choices.items():
+            if getattr(self, field_name) not in allowed:
+                raise ValueError(f"{name}.{field_name}={getattr(self, field_name)!r} is not supported; "
+                                 f"allowed: {list(allowed)}")
+        if self.num_train_timesteps < 1 or self.steps_offset < 0:
+            raise ValueError(f"{name}: num_train_timesteps must be >= 1 and steps_offset >= 0, got "
+                             f"{self.num_train_timesteps} and {self.steps_offset}")
+        if self.trained_betas is not None and len(self.trained_betas) != self.num_train_timesteps:
+            raise ValueError(f"{name}.trained_betas has {len(self.trained_betas)} values but "
+                             f"num_train_timesteps={self.num_train_timesteps}")
+        if not 0.0 < self.dynamic_thresholding_ratio <= 1.0:
+            raise ValueError(f"{name}.dynamic_thresholding_ratio={self.dynamic_thresholding_ratio} "
+                             "must be in (0, 1]")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON-ready values (trained_betas as a list)."""
+        data = dataclasses.asdict(self)
+        if self.trained_betas is not None:
+            data["trained_betas"] = list(self.trained_betas)
+        return data
+
+
+@dataclass(frozen=True)
+class DDPMSchedulerConfig(SchedulerConfig):
+    variance_type: str = "fixed_small"     # posterior variance: beta_tilde, beta, or learned (see VARIANCE_TYPES)
+
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {
+        **SchedulerConfig.choices,
+        "beta_schedule": SchedulerConfig.choices["beta_schedule"] + ("sigmoid", "laplace"),
+        "variance_type": VARIANCE_TYPES,
+    }
+
+
+@dataclass(frozen=True)
+class DDIMSchedulerConfig(SchedulerConfig):
+    set_alpha_to_one: bool = True          # alpha_bar after the last step: 1, or alpha_bar_0 if False
+
+
+_KNOWN_FIELDS = frozenset(f.name for c in (DDPMSchedulerConfig, DDIMSchedulerConfig) for f in dataclasses.fields(c))
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    prev_sample: Tensor            # x_{prev_t}
+    pred_original_sample: Tensor   # the (clipped) predicted x0
+
+
+def _cosine_alpha_bar(t: float) -> float:  # Nichol & Dhariwal 2021, eq. 17 with s = 0.008
+    return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+
+def _laplace_alpha_bar(t: float) -> float:
+    """Hang et al. 2024: log-SNR = -0.5 sign(0.5 - t) log(1 - 2|t - 0.5|); returns sqrt(SNR / (1 + SNR))
+    (a square root too many, as in diffusers, whose schedule this must reproduce)."""
+    snr = math.exp(-0.5 * math.copysign(1, 0.5 - t) * math.log(1 - 2 * abs(0.5 - t) + 1e-6))
+    return math.sqrt(snr / (1 + snr))
+
+
+def _betas_from_alpha_bar(alpha_bar: Any, T: int, max_beta: float = 0.999) -> Tensor:
+    """beta_i = min(1 - alpha_bar((i+1)/T) / alpha_bar(i/T), max_beta) (Nichol & Dhariwal 2021, sec. 3.2)."""
+    return torch.tensor([min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), max_beta) for i in range(T)],
+                        dtype=torch.float32)
+
+
+def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
+    """Shift and scale sqrt(alpha_bar) so that its last value is 0 and its first is kept (Lin et al. 2024, Alg. 1)."""
+    sqrt_ab = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    sqrt_ab = (sqrt_ab - last) * (first / (first - last))
+    alpha_bar = sqrt_ab ** 2
+    return 1 - torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
+
+
+def make_betas(config: SchedulerConfig) -> Tensor:
+    """The float32 betas beta_1..beta_T of ``config``."""
+    T, b0, b1 = config.num_train_timesteps, config.beta_start, config.beta_end
+    if config.trained_betas is not None:
+        betas = torch.tensor(config.trained_betas, dtype=torch.float32)
+    elif config.beta_schedule == "linear":  # Ho et al. 2020
+        betas = torch.linspace(b0, b1, T, dtype=torch.float32)
+    elif config.beta_schedule == "scaled_linear":  # latent diffusion
+        betas = torch.linspace(b0 ** 0.5, b1 ** 0.5, T, dtype=torch.float32) ** 2
+    elif config.beta_schedule == "sigmoid":  # GeoDiff (Xu et al. 2022)
+        betas = torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float32)) * (b1 - b0) + b0
+    else:
+        alpha_bar = _cosine_alpha_bar if config.beta_schedule == "squaredcos_cap_v2" else _laplace_alpha_bar
+        betas = _betas_from_alpha_bar(alpha_bar, T)
+    return rescale_zero_terminal_snr(betas) if config.rescale_betas_zero_snr else betas
+
+
+def dynamic_threshold(x0: Tensor, ratio: float, max_value: float) -> Tensor:
+    """Saharia et al. 2022 (Imagen): s = the ``ratio`` quantile of |x0| per sample, clamped to
+    [1, max_value]; x0 -> clamp(x0, -s, s) / s. Computed in float32 at least."""
+    flat = x0.reshape(x0.shape[0], -1)
+    flat = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
+    return (torch.clamp(flat, -s, s) / s).reshape(x0.shape).to(x0.dtype)
+
+
+def randn(shape: Sequence[int], *, generator: Generator = None, device: torch.device | str = "cpu",
+          dtype: torch.dtype = torch.float32) -> Tensor:
+    """Standard normal noise drawn like diffusers' ``randn_tensor``: on the generator's device (a CPU
+    generator gives the same numbers whatever ``device``), then moved; a list of generators draws
+    one sample each, in order."""
+    shape = tuple(shape)
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}; pass one per sample")
+        return torch.cat([randn((1, *shape[1:]), generator=g, device=device, dtype=dtype) for g in generator])
+    draw_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
+
+
+class _Scheduler:
+    """Shared facade: schedule tensors, timesteps, x0 prediction, forward process, config I/O."""
+    config_class: ClassVar[type[SchedulerConfig]] = SchedulerConfig
+
+    def __init__(self, **fields: Any) -> None:
+        self._config = self.config_class(**fields)
+        self._betas = make_betas(self._config)
+        self._alphas = 1.0 - self._betas
+        self._alphas_cumprod = torch.cumprod(self._alphas, dim=0)
+
+    # The schedule is shared by every call: read it, never modify it in place.
+    config = property(lambda self: self._config, doc="The frozen config.")
+    betas = property(lambda self: self._betas, doc="beta_t, float32 (T,).")
+    alphas = property(lambda self: self._alphas, doc="alpha_t = 1 - beta_t, float32 (T,).")
+    alphas_cumprod = property(lambda self: self._alphas_cumprod, doc="alpha_bar_t = prod(alpha_1..t), float32 (T,).")
+    num_train_timesteps = property(lambda self: self._config.num_train_timesteps, doc="T.")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._config})"
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | SchedulerConfig) -> "_Scheduler":
+        """Build from a config dict (e.g. a parsed scheduler_config.json) or a config of either scheduler.
+        Bookkeeping/obsolete keys (IGNORED_KEYS) and the fields only the other scheduler uses are dropped;
+        any other unknown key raises ValueError, since it could change the math."""
+        data = config.to_dict() if isinstance(config, SchedulerConfig) else dict(config)
+        unknown = sorted(set(data) - _KNOWN_FIELDS - IGNORED_KEYS)
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unsupported config keys {unknown}; known fields: "
+                             f"{sorted(_KNOWN_FIELDS)}")
+        own = {f.name for f in dataclasses.fields(cls.config_class)}
+        return cls(**{key: value for key, value in data.items() if key in own})
+
+    @classmethod
+    def from_pretrained(cls, path: PathLike) -> "_Scheduler":
+        """Load ``scheduler_config.json`` from a pipeline folder's ``scheduler/`` or from ``path`` itself."""
+        file = component_dir(path, "scheduler", CONFIG_NAME) / CONFIG_NAME
+        data = read_json(file)
+        try:
+            return cls.from_config(data)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{file}: {err}") from None
+
+    def save_pretrained(self, path: PathLike) -> None:
+        """Write ``path/scheduler_config.json`` in diffusers' format (atomically)."""
+        header = {"_class_name": type(self).__name__, "_diffusers_version": DIFFUSERS_VERSION}
+        write_json(Path(path) / CONFIG_NAME, {**header, **self._config.to_dict()})
+
+    def _check_steps(self, num_inference_steps: int) -> int:
+        T = self.num_train_timesteps
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) \
+                or not 1 <= num_inference_steps <= T:
+            raise ValueError(f"num_inference_steps={num_inference_steps!r} must be an int between 1 and "
+                             f"num_train_timesteps={T}")
+        return num_inference_steps
+
+    def timesteps(self, num_inference_steps: int) -> Tensor:
+        """The N descending timesteps of diffusers' ``set_timesteps(N)`` as a CPU LongTensor:
+        leading: arange(N) * (T // N) + steps_offset; trailing: round(arange(T, 0, -T/N)) - 1;
+        linspace: round(linspace(0, T - 1, N)). numpy computes them, as in diffusers, so that float
+        rounding ties fall the same way."""
+        n, T, spacing = self._check_steps(num_inference_steps), self.num_train_timesteps, self._config.timestep_spacing
+        if spacing == "leading":
+            ts = np.arange(n)[::-1] * (T // n) + self._config.steps_offset
+        elif spacing == "trailing":
+            ts = np.round(np.arange(T, 0, -T / n)) - 1
+        else:
+            ts = np.round(np.linspace(0, T - 1, n))[::-1]
+        return torch.from_numpy(ts.astype(np.int64))
+
+    def _split(self, model_output: Tensor, sample: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(prediction, learned variance or None); the prediction must have the sample's shape."""
+        if model_output.shape != sample.shape:
+            raise ValueError(f"model_output has shape {tuple(model_output.shape)} but the sample has "
+                             f"{tuple(sample.shape)}")
+        return model_output, None
+
+    def _x0_eps(self, model_output: Tensor, t: int, sample: Tensor) -> tuple[Tensor, Tensor]:
+        """Unclipped x0 and eps from the model output, using x_t = sqrt(a) x0 + sqrt(1 - a) eps
+        (Ho et al. 2020 eq. 4) and v = sqrt(a) eps - sqrt(1 - a) x0 (Salimans & Ho 2022), a = alpha_bar_t."""
+        a = self._alphas_cumprod[t]
+        kind = self._config.prediction_type
+        if kind == "epsilon":
+            return (sample - (1 - a) ** 0.5 * model_output) / a ** 0.5, model_output
+        if kind == "sample":
+            return model_output, (sample - a ** 0.5 * model_output) / (1 - a) ** 0.5
+        return a ** 0.5 * sample - (1 - a) ** 0.5 * model_output, a ** 0.5 * model_output + (1 - a) ** 0.5 * sample
+
+    def _clip(self, x0: Tensor) -> Tensor:
+        cfg = self._config
+        if cfg.thresholding:
+            return dynamic_threshold(x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
+        return x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range) if cfg.clip_sample else x0
+
+    def predict_x0(self, model_output: Tensor, t: int | Tensor, sample: Tensor) -> Tensor:
+        """The predicted x0 at timestep ``t``, clipped or thresholded as the config says (what
+        ``step(...).pred_original_sample`` returns); differentiable, for guidance."""
+        return self._clip(self._x0_eps(self._split(model_output, sample)[0], int(t), sample)[0])
+
+    def _forward_coefficients(self, t: Tensor | int, like: Tensor) -> tuple[Tensor, Tensor]:
+        """sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t) in ``like``'s dtype/device, shaped to broadcast."""
+        alpha_bar = self._alphas_cumprod.to(device=like.device, dtype=like.dtype)
+        a = alpha_bar[torch.as_tensor(t, device=like.device)].flatten()
+        a = a.reshape(-1, *(1,) * (like.ndim - 1))
+        return a ** 0.5, (1 - a) ** 0.5
+
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor | int) -> Tensor:
+        """q(x_t | x0) sample: sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps (Ho et al. 2020 eq. 4)."""
+        sqrt_a, sqrt_1ma = self._forward_coefficients(t, x0)
+        return sqrt_a * x0 + sqrt_1ma * noise
+
+    def get_velocity(self, x0: Tensor, noise: Tensor, t: Tensor | int) -> Tensor:
+        """v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0 (Salimans & Ho 2022, sec. 4)."""
+        sqrt_a, sqrt_1ma = self._forward_coefficients(t, x0)
+        return sqrt_a * noise - sqrt_1ma * x0
+
+    def training_target(self, x0: Tensor, noise: Tensor, t: Tensor | int) -> Tensor:
+        """What the model learns to output at ``t``: eps, x0 or v, following prediction_type."""
+        kind = self._config.prediction_type
+        return noise if kind == "epsilon" else x0 if kind == "sample" else self.get_velocity(x0, noise, t)
+
+    @staticmethod
+    def _noise(needed: bool, like: Tensor, generator: Generator, noise: Tensor | None) -> Tensor | None:
+        """The step noise: ``noise`` if given, else drawn from ``generator`` only when the step uses it,
+        so the generator advances exactly as in diffusers."""
+        if noise is not None and generator is not None:
+            raise ValueError("pass either generator or noise to step(), not both")
+        if noise is not None or not needed:
+            return noise
+        return randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+
+
+class DDPMScheduler(_Scheduler):
+    """Ancestral sampling of Ho et al. 2020 over any descending subset of timesteps."""
+    config_class = DDPMSchedulerConfig
+
+    def previous_timestep(self, t: int | Tensor, num_inference_steps: int) -> int:
+        """The entry after ``t`` in ``timesteps(num_inference_steps)``, or -1 after the last one."""
+        ts = self.timesteps(num_inference_steps).tolist()
+        if int(t) not in ts:
+            raise ValueError(f"timestep {int(t)} is not one of timesteps({num_inference_steps}) = {ts}")
+        i = ts.index(int(t))
+        return ts[i + 1] if i + 1 < len(ts) else -1
+
+    def _split(self, model_output: Tensor, sample: Tensor) -> tuple[Tensor, Tensor | None]:
+        if not self._config.variance_type.startswith("learned"):
+            return super()._split(model_output, sample)
+        channels = sample.shape[1]
+        if model_output.ndim != sample.ndim or model_output.shape[1] != 2 * channels:
+            raise ValueError(f"variance_type={self._config.variance_type!r} needs a model output with 2 x "
+                             f"{channels} channels (prediction, variance), got shape {tuple(model_output.shape)}")
+        prediction, variance = model_output.split(channels, dim=1)
+        return super()._split(prediction, sample)[0], variance
+
+    def update(self, model_output: Tensor, t: int, prev_t: int, sample: Tensor,
+               noise: Tensor | None = None) -> SchedulerOutput:
+        """Sample x_{prev_t} ~ q(x_{prev_t} | x_t, x0) (Ho et al. 2020 eq. 6/7, generalised to a jump
+        t -> prev_t): with alpha' = a_t / a_p and beta' = 1 - alpha',
+        mean = sqrt(a_p) beta' / (1 - a_t) x0 + sqrt(alpha') (1 - a_p) / (1 - a_t) x_t, plus std * noise
+        at every t > 0 (diffusers' rule: only t = 0 returns the bare mean)."""
+        t, prev_t = int(t), int(prev_t)
+        model_output, predicted_variance = self._split(model_output, sample)
+        a_t = self._alphas_cumprod[t]
+        a_p = self._alphas_cumprod[prev_t] if prev_t >= 0 else torch.tensor(1.0)
+        alpha = a_t / a_p
+        beta = 1 - alpha
+        x0 = self._clip(self._x0_eps(model_output, t, sample)[0])
+        mean = (a_p ** 0.5 * beta) / (1 - a_t) * x0 + alpha ** 0.5 * (1 - a_p) / (1 - a_t) * sample
+        if t == 0:
+            return SchedulerOutput(mean, x0)
+        if noise is None:
+            raise ValueError(f"DDPM update at t={t} > 0 needs noise")
+        return SchedulerOutput(mean + self._std(beta, a_t, a_p, predicted_variance) * noise, x0)
+
+    def _std(self, beta: Tensor, a_t: Tensor, a_p: Tensor, predicted_variance: Tensor | None) -> Tensor:
+        """Posterior std: beta_tilde = (1 - a_p) / (1 - a_t) beta' (eq. 7, "fixed_small") or beta'
+        ("fixed_large", sec. 3.2); "learned_range" interpolates their logs (Nichol & Dhariwal 2021 eq. 15)."""
+        small = torch.clamp((1 - a_p) / (1 - a_t) * beta, min=1e-20)
+        kind = self._config.variance_type
+        if kind == "fixed_small":
+            return small ** 0.5
+        if kind == "fixed_small_log":  # the same value, computed as diffusers does for bitwise parity
+            return torch.exp(0.5 * torch.log(small))
+        if kind == "fixed_large":
+            return beta ** 0.5
+        if kind == "learned":
+            return predicted_variance ** 0.5
+        frac = (predicted_variance + 1) / 2
+        return torch.exp(0.5 * (frac * torch.log(beta) + (1 - frac) * torch.log(small)))
+
+    def step(self, model_output: Tensor, timestep: int | Tensor, sample: Tensor, *, num_inference_steps: int,
+             generator: Generator = None, noise: Tensor | None = None) -> SchedulerOutput:
+        """One step of an N-step schedule; noise is drawn (randn of the sample's shape) only when t > 0."""
+        t = int(timestep)
+        prev_t = self.previous_timestep(t, num_inference_steps)
+        noise = self._noise(t > 0, sample, generator, noise)
+        return self.update(model_output, t, prev_t, sample, noise)
+
+
+class DDIMScheduler(_Scheduler):
+    """Denoising diffusion implicit models (Song et al. 2021): eta = 0 is deterministic, eta = 1 is DDPM-like."""
+    config_class = DDIMSchedulerConfig
+
+    def previous_timestep(self, t: int | Tensor, num_inference_steps: int) -> int:
+        """t - T // N, whatever the spacing (diffusers' rule; with "linspace" it is not the next entry)."""
+        return int(t) - self.num_train_timesteps // self._check_steps(num_inference_steps)
+
+    def update(self, model_output: Tensor, t: int, prev_t: int, sample: Tensor, noise: Tensor | None = None,
+               *, eta: float = 0.0, use_clipped_model_output: bool = False) -> SchedulerOutput:
+        """Song et al. 2021 eq. 12: x_prev = sqrt(a_p) x0 + sqrt(1 - a_p - sigma^2) eps + sigma noise, with
+        sigma = eta sqrt((1 - a_p) / (1 - a_t)) sqrt(1 - a_t / a_p) (eq. 16); a_p = 1 (or alpha_bar_0 when
+        set_alpha_to_one is False) past the end. ``use_clipped_model_output`` recomputes eps from the
+        clipped x0."""
+        t, prev_t = int(t), int(prev_t)
+        model_output, _ = self._split(model_output, sample)
+        a_t = self._alphas_cumprod[t]
+        a_p = self._alphas_cumprod[prev_t] if prev_t >= 0 else (
+            torch.tensor(1.0) if self._config.set_alpha_to_one else self._alphas_cumprod[0])
+        x0, eps = self._x0_eps(model_output, t, sample)
+        x0 = self._clip(x0)
+        if use_clipped_model_output:
+            eps = (sample - a_t ** 0.5 * x0) / (1 - a_t) ** 0.5
+        sigma = eta * ((1 - a_p) / (1 - a_t) * (1 - a_t / a_p)) ** 0.5
+        prev = a_p ** 0.5 * x0 + (1 - a_p - sigma ** 2) ** 0.5 * eps
+        if eta > 0:
+            if noise is None:
+                raise ValueError(f"DDIM update with eta={eta} > 0 needs noise")
+            prev = prev + sigma * noise
+        return SchedulerOutput(prev, x0)
+
+    def step(self, model_output: Tensor, timestep: int | Tensor, sample: Tensor, *, num_inference_steps: int,
+             generator: Generator = None, noise: Tensor | None = None, eta: float = 0.0,
+             use_clipped_model_output: bool = False) -> SchedulerOutput:
+        """One step of an N-step schedule; noise is drawn only when eta > 0."""
+        t = int(timestep)
+        prev_t = self.previous_timestep(t, num_inference_steps)
+        noise = self._noise(eta > 0, sample, generator, noise)
+        return self.update(model_output, t, prev_t, sample, noise, eta=eta,
+                           use_clipped_model_output=use_clipped_model_output)

@@ -1,0 +1,105 @@
+"""What the training loop checks and installs before it starts: the model/data checks, the autocast
+dtype, seeding, gradient checkpointing of the UNet's blocks, and the SIGINT/SIGTERM handlers."""
+from __future__ import annotations
+
+import contextlib
+import random
+import signal
+import threading
+import types
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+
+def prepare_unet(unet: nn.Module, image_shape: tuple[int, ...], cond_drop_prob: float) -> nn.Module:
+    """Check that ``unet`` can learn images of ``image_shape`` (C, H, W); set its sample_size to (H, W)."""
+    config = unet.config
+    channels, height, width = image_shape
+    if config.in_channels != channels or config.out_channels != channels:
+        raise ValueError(f"the images have {channels} channels but the UNet has in_channels={config.in_channels}, "
+                         f"out_channels={config.out_channels} (learned-variance outputs are not trained here)")
+    if cond_drop_prob > 0 and (config.num_class_embeds is None or
+                               config.class_embed_type not in (None, "concat", "cross_attention")):
+        raise ValueError("cond_drop_prob > 0 needs a UNet with a label embedding table (num_class_embeds set, "
+                         f"class_embed_type None/'concat'/'cross_attention'); got {config.class_embed_type!r}")
+    unet.config = config.replace(sample_size=height if height == width else (height, width))
+    return unet
+
+
+def autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
+    """The torch.autocast dtype of "no" | "bf16" | "fp16" (fp16 only on CUDA, where a GradScaler runs)."""
+    if mixed_precision == "fp16" and device.type != "cuda":
+        raise ValueError(f"mixed_precision='fp16' needs CUDA (device is {device}); use 'bf16' or 'no'")
+    return {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's, numpy's and torch's global RNGs (dropout and data augmentation read them)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
+    """(images, labels or None) from a dataset item or a collated batch: a tensor or (image, label, ...)."""
+    if torch.is_tensor(batch):
+        return batch, None
+    if isinstance(batch, (tuple, list)) and batch and torch.is_tensor(batch[0]):
+        label = batch[1] if len(batch) > 1 else None
+        return batch[0], label if label is None or torch.is_tensor(label) else torch.as_tensor(label)
+    raise TypeError(f"dataset items must be an image tensor or (image, label), got {type(batch).__name__}")
+
+
+def enable_gradient_checkpointing(unet: nn.Module) -> None:
+    """Recompute each down, mid and up block of a minidiff UNet during backward instead of keeping its
+    activations (Chen et al. 2016): activation memory of a few block inputs, one more forward per step."""
+    if not all(hasattr(unet, name) for name in ("down_blocks", "mid_block", "up_blocks")):
+        raise TypeError(f"gradient checkpointing needs a minidiff UNet, got {type(unet).__name__}")
+    for block in [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else [])]:
+        block.forward = types.MethodType(_checkpointed, block)
+    for block in unet.up_blocks:
+        block.forward = types.MethodType(_checkpointed_up, block)
+
+
+def _checkpointed(block: nn.Module, *args: Any) -> Any:
+    return checkpoint(type(block).forward, block, *args, use_reentrant=False)
+
+
+def _checkpointed_up(block: nn.Module, h: Tensor, skips: list[Tensor], temb: Tensor,
+                     context: Tensor | None = None) -> Tensor:
+    # An up block pops one skip per resnet from the shared list; it gets its own skips as arguments so
+    # that the recomputation in backward sees them again.
+    own = skips[-len(block.resnets):]
+    del skips[-len(block.resnets):]
+
+    def forward(h: Tensor, temb: Tensor, context: Tensor | None, *own: Tensor) -> Tensor:
+        return type(block).forward(block, h, list(own), temb, context)
+    return checkpoint(forward, h, temb, context, *own, use_reentrant=False)
+
+
+@contextlib.contextmanager
+def stop_on_signals(request_stop: Callable[[str], None]) -> Iterator[None]:
+    """While active, SIGINT/SIGTERM call ``request_stop(signal name)`` (the loop then finishes its step,
+    checkpoints and returns); a second signal aborts at once with KeyboardInterrupt. Signal handlers
+    can only be installed in the main thread; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[str] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if received:
+            raise KeyboardInterrupt
+        received.append(signal.Signals(signum).name)
+        request_stop(received[0])
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

@@ -1,0 +1,372 @@
+"""The training loop: a small explicit loop, no framework (fine-tuning and training from scratch).
+
+One optimizer step = ``grad_accumulation_steps`` micro-batches of ``batch_size`` images (over all processes
+together). For each image: t ~ U{0..T-1}, eps ~ N(0, I), x_t = add_noise(x0, eps, t) and the loss is
+||unet(x_t, t) - target||^2 with target eps, x0 or v after the scheduler's prediction_type (Ho et al. 2020,
+Alg. 1; Salimans & Ho 2022). AdamW, linear warm-up then constant/linear/cosine decay, gradient clipping,
+EMA weights, autocast mixed precision, gradient checkpointing, atomic checkpoints with exact resume,
+torch.distributed DDP under torchrun. The randomness of a step (t, eps, label drop) is drawn for the
+whole global step from one seeded generator, so the result does not depend on how the step is split into
+micro-batches or processes.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .distributed import EpochBatches, barrier, gather_objects, mean_and_any, setup_distributed
+from .ema import EMA
+from .files import write_json
+from .io import save_pipeline
+from .schedulers import DDIMScheduler, DDPMScheduler
+from .train_log import MetricsLog, fixed_seed_samples, save_sample_grid
+from .train_setup import (autocast_dtype, enable_gradient_checkpointing, prepare_unet, seed_everything,
+                          split_batch, stop_on_signals)
+
+LR_SCHEDULES = ("constant", "linear", "cosine")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+# config fields that may change between a run and its resume without breaking exactness
+_RESUMABLE_CHANGES = {"output_dir", "resume", "overwrite", "progress", "num_workers", "log_samples_every",
+                      "sample_steps", "save_model_every", "keep_checkpoints", "max_steps", "num_epochs"}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run needs besides the model, scheduler and data. Validated on construction."""
+    output_dir: str = "outputs/train"      # checkpoints/, samples/, metrics.jsonl, loss.png, final pipeline
+    seed: int = 0                          # data order, timesteps, noise, label dropout, global RNGs
+    batch_size: int = 16                   # images per micro-batch, all processes together
+    grad_accumulation_steps: int = 1       # micro-batches per optimizer step; the loss is divided by it
+    num_epochs: int = 1                    # passes over the data, unless max_steps is set
+    max_steps: int | None = None           # optimizer steps; overrides num_epochs
+    lr: float = 1e-4                       # peak AdamW learning rate
+    lr_schedule: str = "cosine"            # decay after warm-up: constant | linear | cosine (to 0)
+    warmup_steps: int = 0                  # linear warm-up: lr * (step + 1) / warmup_steps
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0              # AdamW's decoupled weight decay
+    max_grad_norm: float | None = 1.0      # clip the global gradient norm; None: no clipping
+    ema_decay: float = 0.999               # EMA of the weights; 0 disables it
+    ema_warmup: bool = True                # decay min(ema_decay, (1 + n) / (10 + n)) at update n
+    mixed_precision: str = "no"            # no | bf16 (CPU or CUDA autocast) | fp16 (CUDA, loss scaling)
+    gradient_checkpointing: bool = False   # recompute each down/mid/up block in backward: less memory
+    cond_drop_prob: float = 0.0            # class-conditional: use the null label (last row) this often
+    log_samples_every: int = 250           # DDIM sample grid (8 images, fixed seed) every N steps; 0: never
+    sample_steps: int = 50                 # DDIM steps of those grids
+    save_model_every: int = 500            # checkpoint every N steps and at the end; 0: only on a signal
+    keep_checkpoints: int = 3              # how many of the newest checkpoints to keep
+    resume: bool = False                   # continue from the newest checkpoint in output_dir/checkpoints
+    overwrite: bool = False                # delete a previous run's checkpoints/samples/metrics first
+    num_workers: int = 0                   # DataLoader worker processes
+    device: str | None = None              # None: cuda if available, else cpu (cuda:LOCAL_RANK under torchrun)
+    progress: bool = True                  # tqdm progress bar (rank 0)
+
+    def __post_init__(self) -> None:
+        positive = ("batch_size", "grad_accumulation_steps", "num_epochs", "sample_steps")
+        non_negative = ("warmup_steps", "log_samples_every", "save_model_every", "keep_checkpoints",
+                        "num_workers", "seed")
+        for name in positive + non_negative:
+            value, low = getattr(self, name), 1 if name in positive else 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"TrainConfig.{name}={value!r}: expected an int >= {low}")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+            raise ValueError(f"TrainConfig.max_steps={self.max_steps!r}: expected None or an int >= 1")
+        for name, allowed in (("lr_schedule", LR_SCHEDULES), ("mixed_precision", MIXED_PRECISION)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}; allowed: {list(allowed)}")
+        if not self.lr > 0 or self.weight_decay < 0 or (self.max_grad_norm is not None and not self.max_grad_norm > 0):
+            raise ValueError(f"TrainConfig: lr={self.lr} must be > 0, weight_decay={self.weight_decay} >= 0, "
+                             f"max_grad_norm={self.max_grad_norm} None or > 0")
+        if not 0 <= self.ema_decay < 1 or not 0 <= self.cond_drop_prob < 1:
+            raise ValueError(f"TrainConfig: ema_decay={self.ema_decay} and cond_drop_prob={self.cond_drop_prob} "
+                             "must be in [0, 1)")
+        object.__setattr__(self, "adam_betas", tuple(self.adam_betas))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON values."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    step: int                    # optimizer steps done
+    loss: float | None           # loss of the last step (None if no step ran)
+    interrupted: bool            # stopped by SIGINT/SIGTERM (a checkpoint was saved)
+    checkpoint: Path | None      # the newest checkpoint
+    output_dir: Path
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int = 0, schedule: str = "cosine") -> float:
+    """Multiplier of the peak lr at optimizer step ``step`` (0-based): (step + 1) / warmup_steps during
+    warm-up, then with p = (step - warmup) / (total - warmup) in [0, 1): 1 (constant), 1 - p (linear) or
+    (1 + cos(pi p)) / 2 (cosine, Loshchilov & Hutter 2017, without restarts)."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr schedule {schedule!r}; allowed: {list(LR_SCHEDULES)}")
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    p = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if schedule == "constant":
+        return 1.0
+    return max(0.0, 1.0 - p) if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * min(p, 1.0)))
+
+
+class Trainer:
+    """Trains ``unet`` (in place) on ``dataset`` items ``image`` or ``(image, label)``, image (C, H, W) in
+    [-1, 1]. The unet's ``config.sample_size`` becomes the trained image size. ``run()`` trains to the end
+    (or to a SIGINT/SIGTERM) and writes a diffusers pipeline folder to ``output_dir``: ``unet/`` with the
+    EMA weights (the raw ones without EMA), ``unet_raw/`` with the trained weights, ``scheduler/``."""
+
+    def __init__(self, unet: nn.Module, scheduler: DDPMScheduler | DDIMScheduler, dataset: Dataset,
+                 config: TrainConfig = TrainConfig()):
+        c, self.config, self.scheduler, self.dataset = config, config, scheduler, dataset
+        self.rank, self.world_size, self.device, self._owns_group = setup_distributed(c.device)
+        self.batches_per_epoch = EpochBatches(len(dataset), c.batch_size, c.seed, 0, self.rank,
+                                              self.world_size).per_epoch  # also checks batch_size
+        self.total_steps = c.max_steps or math.ceil(c.num_epochs * self.batches_per_epoch / c.grad_accumulation_steps)
+        self.output_dir, self.checkpoints = Path(c.output_dir), Path(c.output_dir) / "checkpoints"
+        self.image_shape = tuple(split_batch(dataset[0])[0].shape)
+        self.unet = prepare_unet(unet, self.image_shape, c.cond_drop_prob).to(self.device).train()
+        self._amp_dtype = autocast_dtype(c.mixed_precision, self.device)
+        seed_everything(c.seed + self.rank)  # dropout and data augmentation draw from the global RNGs
+        self.ema = EMA(self.unet, c.ema_decay, c.ema_warmup) if c.ema_decay > 0 else None
+        self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=c.lr, betas=c.adam_betas,
+                                           weight_decay=c.weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda") if c.mixed_precision == "fp16" else None
+        self.generator = torch.Generator(self.device).manual_seed(c.seed)  # same on every process
+        self.step, self.last_checkpoint, self.stop_signal = 0, None, None
+        self.metrics = MetricsLog(self.output_dir / "metrics.jsonl")
+        self._resume() if c.resume else self._start_fresh()
+        if c.gradient_checkpointing:
+            enable_gradient_checkpointing(self.unet)
+        self.model = self.unet if self.world_size == 1 else DistributedDataParallel(
+            self.unet, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    # ------------------------------------------------------------------ one optimizer step
+    def compute_gradients(self, batches: Iterator[tuple[Tensor, Tensor | None]]) -> Tensor:
+        """Forward and backward over the step's micro-batches; returns this process's step loss."""
+        c, g, dev = self.config, self.generator, self.device
+        n, share = c.batch_size * c.grad_accumulation_steps, c.batch_size // self.world_size
+        t = torch.randint(0, self.scheduler.num_train_timesteps, (n,), generator=g, device=dev)
+        noise = torch.randn((n, *self.image_shape), generator=g, device=dev)
+        drop = torch.rand(n, generator=g, device=dev) < c.cond_drop_prob
+        total = torch.zeros((), device=dev)
+        for i in range(c.grad_accumulation_steps):
+            rows = slice(i * c.batch_size + self.rank * share, i * c.batch_size + (self.rank + 1) * share)
+            x0, labels = next(batches)
+            last = i == c.grad_accumulation_steps - 1
+            # DDP all-reduces the gradients only on the last micro-batch
+            with self.model.no_sync() if self.world_size > 1 and not last else contextlib.nullcontext():
+                loss = self._loss(x0.to(dev), labels, t[rows], noise[rows], drop[rows]) / c.grad_accumulation_steps
+                (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+            total += loss.detach()
+        return total
+
+    def _loss(self, x0: Tensor, labels: Tensor | None, t: Tensor, noise: Tensor, drop: Tensor) -> Tensor:
+        x_t = self.scheduler.add_noise(x0, noise, t)
+        target = self.scheduler.training_target(x0, noise, t)
+        conditioning = {}
+        if self.unet.takes_class_labels:
+            conditioning["class_labels"] = self._labels(labels, drop)
+        with torch.autocast(self.device.type, dtype=self._amp_dtype or torch.float32,
+                            enabled=self._amp_dtype is not None):
+            prediction = self.model(x_t, t, **conditioning)
+        return F.mse_loss(prediction.float(), target.float())
+
+    def _labels(self, labels: Tensor | None, drop: Tensor) -> Tensor:
+        if labels is None:
+            raise ValueError("the UNet is class-conditional but the dataset yields no labels")
+        labels = labels.to(self.device)
+        if self.config.cond_drop_prob > 0:
+            null = self.unet.config.num_class_embeds - 1  # the last embedding row is the null class
+            if int(labels.max()) >= null:
+                raise ValueError(f"with cond_drop_prob > 0 label {null} is the null class; dataset labels must "
+                                 f"be < {null}, got {int(labels.max())}")
+            labels = torch.where(drop, null, labels)
+        return labels
+
+    def optimizer_step(self) -> tuple[float, float]:
+        """Set the lr, clip, step, clear the gradients, update the EMA; returns (lr, grad_norm)."""
+        c = self.config
+        lr = c.lr * lr_factor(self.step, self.total_steps, c.warmup_steps, c.lr_schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = float(nn.utils.clip_grad_norm_(self.unet.parameters(), c.max_grad_norm or math.inf))
+        if self.scaler is None and not math.isfinite(grad_norm):  # with fp16, the scaler skips such steps
+            raise self._non_finite("gradient norm", grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.unet)
+        self.step += 1
+        return lr, grad_norm
+
+    def _non_finite(self, what: str, value: float) -> FloatingPointError:
+        kept = self.last_checkpoint or "none (no checkpoint was saved yet)"
+        return FloatingPointError(f"{what} is {value} at step {self.step + 1}: training stopped before that "
+                                  f"update; the last good checkpoint is {kept}")
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> TrainResult:
+        loss = None
+        try:
+            show = self.config.progress and self.rank == 0
+            with stop_on_signals(self._request_stop), tqdm(total=self.total_steps, initial=self.step,
+                                                           desc="training", unit="step", disable=not show) as bar:
+                batches = self._batches()
+                while self.step < self.total_steps:
+                    loss, stop = mean_and_any(self.compute_gradients(batches), self.stop_signal is not None,
+                                              self.world_size)
+                    if not math.isfinite(loss):
+                        raise self._non_finite("loss", loss)
+                    lr, grad_norm = self.optimizer_step()
+                    bar.update()
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                    self._after_step(loss, lr, grad_norm)
+                    if stop:
+                        self.save_checkpoint()
+                        bar.write(f"stopped by signal {self.stop_signal} after step {self.step}; checkpoint saved "
+                                  f"to {self.last_checkpoint}; continue with resume=True")
+                        return self._result(loss, interrupted=True)
+                self._finish()
+        finally:
+            if self._owns_group:
+                dist.destroy_process_group()
+        return self._result(loss, interrupted=False)
+
+    def _request_stop(self, name: str) -> None:
+        self.stop_signal = name
+        if self.rank == 0:
+            tqdm.write(f"{name}: finishing the step and saving a checkpoint (send it again to abort)")
+
+    def _result(self, loss: float | None, interrupted: bool) -> TrainResult:
+        return TrainResult(self.step, loss, interrupted, self.last_checkpoint, self.output_dir)
+
+    def _batches(self) -> Iterator[tuple[Tensor, Tensor | None]]:
+        c = self.config
+        sampler = EpochBatches(len(self.dataset), c.batch_size, c.seed, self.step * c.grad_accumulation_steps,
+                               self.rank, self.world_size)
+        loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=c.num_workers,
+                            pin_memory=self.device.type == "cuda")
+        return (split_batch(batch) for batch in loader)
+
+    def _after_step(self, loss: float, lr: float, grad_norm: float) -> None:
+        c = self.config
+        if self.rank == 0:
+            epoch = self.step * c.grad_accumulation_steps * c.batch_size / len(self.dataset)
+            self.metrics.append({"step": self.step, "epoch": round(epoch, 4), "loss": loss, "lr": lr,
+                                 "grad_norm": grad_norm})
+        if c.save_model_every and self.step % c.save_model_every == 0:
+            self.save_checkpoint()
+        if c.log_samples_every and self.step % c.log_samples_every == 0:
+            self.log_samples()
+
+    def _finish(self) -> None:
+        c = self.config
+        if c.save_model_every and self.last_checkpoint != ckpt.step_dir(self.checkpoints, self.step):
+            self.save_checkpoint()
+        if self.rank != 0:
+            return
+        if c.log_samples_every and self.step % c.log_samples_every:
+            self.log_samples()
+        self.metrics.plot(self.output_dir / "loss.png")
+        save_pipeline(self.ema.model if self.ema else self.unet, self.scheduler, self.output_dir)
+        if self.ema is not None:
+            self.unet.save_pretrained(self.output_dir / "unet_raw")
+        write_json(self.output_dir / "training_config.json", c.to_dict())
+
+    def log_samples(self) -> Path | None:
+        """Rank 0: a grid of 8 fixed-seed DDIM samples from the EMA weights, and the loss curve."""
+        if self.rank != 0:
+            return None
+        model = self.ema.model if self.ema is not None else self.unet
+        images = fixed_seed_samples(model, self.scheduler, num_inference_steps=self.config.sample_steps,
+                                    seed=self.config.seed, class_labels=_grid_labels(model, self.config, 8))
+        self.metrics.plot(self.output_dir / "loss.png")
+        return save_sample_grid(images, self.output_dir / "samples" / f"step_{self.step:07d}.png")
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path:
+        """Checkpoint the current step (rank 0 writes; every process contributes its RNG states)."""
+        rng_states = gather_objects(ckpt.capture_rng(self.generator), self.world_size)
+        folder = ckpt.step_dir(self.checkpoints, self.step)
+        if self.rank == 0 and not folder.exists():
+            micro_batches = self.step * self.config.grad_accumulation_steps
+            epoch, position = divmod(micro_batches, self.batches_per_epoch)
+            info = {"step": self.step, "epoch": epoch, "batches_into_epoch": position, "micro_batches": micro_batches,
+                    "ema_num_updates": self.ema.num_updates if self.ema else 0, "total_steps": self.total_steps,
+                    "world_size": self.world_size, "config": self.config.to_dict()}
+            ckpt.save_checkpoint(folder, unet=self.unet, ema_model=self.ema and self.ema.model,
+                                 optimizer=self.optimizer, scaler=self.scaler, rng_states=rng_states, info=info)
+            ckpt.prune_checkpoints(self.checkpoints, self.config.keep_checkpoints)
+        barrier(self.world_size)
+        self.last_checkpoint = folder
+        return folder
+
+    def _resume(self) -> None:
+        folder = ckpt.latest_checkpoint(self.checkpoints)
+        if folder is None:
+            raise FileNotFoundError(f"resume=True but {self.checkpoints} holds no checkpoint (step_XXXXXXX/)")
+        info, rng_states = ckpt.load_checkpoint(folder, unet=self.unet, ema_model=self.ema and self.ema.model,
+                                                optimizer=self.optimizer, scaler=self.scaler)
+        saved, current = info["config"], self.config.to_dict()
+        changed = sorted(k for k in saved.keys() | current.keys()
+                         if k not in _RESUMABLE_CHANGES and saved.get(k) != current.get(k))
+        if changed or len(rng_states) != self.world_size:
+            warnings.warn(f"resuming {folder} with different settings ({changed}, {len(rng_states)} -> "
+                          f"{self.world_size} processes): the run will not match an uninterrupted one", stacklevel=3)
+        ckpt.restore_rng(rng_states[self.rank % len(rng_states)], self.generator)
+        self.step, self.last_checkpoint = int(info["step"]), folder
+        if self.ema is not None:
+            self.ema.num_updates = int(info["ema_num_updates"])
+        if self.rank == 0:
+            self.metrics.truncate(self.step)
+            ckpt.remove_partial(self.checkpoints)
+
+    def _start_fresh(self) -> None:
+        previous = ckpt.list_checkpoints(self.checkpoints)
+        if not (previous or self.metrics.path.exists()):
+            return
+        if not self.config.overwrite:
+            raise FileExistsError(f"{self.output_dir} already holds a run ({len(previous)} checkpoints); pass "
+                                  "resume=True to continue it, overwrite=True to start over, or another output_dir")
+        barrier(self.world_size)  # every process has looked before rank 0 deletes
+        if self.rank == 0:
+            for old in (self.checkpoints, self.output_dir / "samples"):
+                shutil.rmtree(old, ignore_errors=True)
+            self.metrics.path.unlink(missing_ok=True)
+        barrier(self.world_size)
+
+
+def train(unet: nn.Module, scheduler: DDPMScheduler | DDIMScheduler, dataset: Dataset,
+          config: TrainConfig = TrainConfig()) -> TrainResult:
+    """Train ``unet`` on ``dataset`` with ``config`` (see ``Trainer``); returns the TrainResult."""
+    return Trainer(unet, scheduler, dataset, config).run()
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def _grid_labels(unet: nn.Module, config: TrainConfig, n: int) -> Tensor | None:
+    """Labels 0, 1, 2, ... for a class-conditional sample grid (never the null class)."""
+    if not unet.takes_class_labels or unet.config.num_class_embeds is None:
+        return None
+    classes = unet.config.num_class_embeds - (1 if config.cond_drop_prob > 0 else 0)
+    return torch.arange(n) % classes

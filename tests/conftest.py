@@ -1,0 +1,38 @@
+"""Shared test helpers: tiny configs and diffusers twins of minidiff UNets (diffusers is the oracle)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("MINIDIFF_PROGRESS", "0")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+TINY = dict(_class_name="UNet2DModel", sample_size=8, in_channels=3, out_channels=3, block_out_channels=[16, 32],
+            layers_per_block=1, norm_num_groups=8, attention_head_dim=8,
+            down_block_types=["DownBlock2D", "AttnDownBlock2D"], up_block_types=["AttnUpBlock2D", "UpBlock2D"])
+
+
+def diffusers_twin(unet):
+    """A diffusers UNet2DModel/UNet2DConditionModel with minidiff ``unet``'s weights (the concat and
+    cross-attention label embeddings stay outside, as in the course's ClassConditionedUnet)."""
+    import diffusers
+
+    config = {k: v for k, v in unet.config.to_dict().items() if k not in ("class_embed_dim", "conditioning_channels")}
+    if config.get("class_embed_type") in ("concat", "cross_attention"):
+        config.update(class_embed_type=None, num_class_embeds=None)
+    config["in_channels"] = unet.config.in_channels + unet.config.extra_input_channels
+    cls = getattr(diffusers, config.pop("_class_name"))
+    config.pop("_diffusers_version")
+    with torch.device("meta"):  # no random init: every tensor is loaded below
+        ref = cls(**config).eval()
+    state = {k: v for k, v in unet.state_dict().items()
+             if not (k.startswith("class_embedding") and unet.config.class_embed_type in ("concat", "cross_attention"))}
+    ref.load_state_dict(state, strict=True, assign=True)
+    return ref
+
+
+@pytest.fixture
+def seeded():
+    torch.manual_seed(0)

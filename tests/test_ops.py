@@ -1,0 +1,327 @@
+"""minidiff.ops: every fast path equals its reference; the references equal torch's modules and diffusers'
+schedulers; the dispatcher picks, switches and fails over as documented. Triton kernels run under
+TRITON_INTERPRET=1 in a subprocess (the variable must be set before triton is imported)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minidiff import ops
+from minidiff.ops import cpu, reference
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_cpu_kernels = pytest.mark.skipif(cpu._load() is None, reason="no C++ compiler for the CPU kernels")
+VARIANTS = ["plain", "add", "scale_shift", "all"]
+LAYOUTS = ["contiguous", "channels_last", "sequence"]
+
+
+def _gn_inputs(variant: str, layout: str = "contiguous", dtype=torch.float32, shape=(2, 12, 5, 7)):
+    g = torch.Generator().manual_seed(0)
+    if layout == "sequence":
+        shape = shape[:2] + (shape[2] * shape[3],)
+    x = (torch.randn(shape, generator=g) * 2 + 0.5).to(dtype)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    b, c = shape[:2]
+    w, bias = torch.randn(c, generator=g), torch.randn(c, generator=g)
+    vec = [torch.randn(b, c, generator=g) for _ in range(3)]
+    kwargs = {"plain": {}, "add": dict(add=vec[0][:, :, None, None]), "scale_shift": dict(scale=vec[1], shift=vec[2]),
+              "all": dict(add=vec[0], scale=vec[1], shift=vec[2])}[variant]
+    return x, w, bias, kwargs
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("act", ["silu", "relu", "none"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cpu_group_norm_act_equals_reference(variant, act, layout):
+    x, w, b, kwargs = _gn_inputs(variant, layout)
+    with ops.backend("cpu"):
+        out = ops.group_norm_act(x, w, b, 4, 1e-5, act=act, **kwargs)
+    torch.testing.assert_close(out, reference.group_norm_act(x, w, b, 4, 1e-5, act=act, **kwargs),
+                               atol=1e-5, rtol=1e-5)
+    assert out.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("variant", ["plain", "all"])
+def test_cpu_group_norm_act_bf16(variant):
+    x, w, b, kwargs = _gn_inputs(variant, dtype=torch.bfloat16, shape=(2, 16, 9, 9))
+    with ops.backend("cpu"):
+        out = ops.group_norm_act(x, w, b, 8, 1e-5, **kwargs)
+    assert out.dtype == torch.bfloat16
+    # both round once from float32: at most one bf16 step apart
+    torch.testing.assert_close(out.float(), reference.group_norm_act(x, w, b, 8, 1e-5, **kwargs).float(),
+                               atol=1e-2, rtol=1e-2)
+
+
+def test_reference_group_norm_act_equals_torch_modules():
+    x, w, b, kwargs = _gn_inputs("all")
+    norm = torch.nn.GroupNorm(4, 12, eps=1e-6)
+    norm.weight.data, norm.bias.data = w, b
+    h = norm(x + kwargs["add"][:, :, None, None]) * (1 + kwargs["scale"][:, :, None, None]) + kwargs["shift"][:, :, None, None]
+    for act, fn in [("silu", F.silu), ("gelu", F.gelu), ("mish", F.mish), ("relu", F.relu), ("none", lambda t: t)]:
+        torch.testing.assert_close(reference.group_norm_act(x, w, b, 4, 1e-6, act=act, **kwargs), fn(h))
+
+
+def test_fallbacks_for_what_kernels_lack_are_exact():
+    x, w, b, _ = _gn_inputs("plain")
+    with ops.backend("cpu"):
+        for xv, act in [(x, "gelu"), (x, "mish"), (x.half(), "silu")]:
+            assert torch.equal(ops.group_norm_act(xv, w, b, 4, act=act), reference.group_norm_act(xv, w, b, 4, act=act))
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpu", "compile"])
+def test_group_norm_act_gradients_equal_reference(backend):
+    x, w, b, kwargs = _gn_inputs("all")
+    leaves = [t.clone().requires_grad_() for t in (x, w, b, kwargs["add"], kwargs["scale"], kwargs["shift"])]
+
+    def loss(fn):
+        xl, wl, bl, add, scale, shift = leaves
+        out = fn(xl, wl, bl, 4, 1e-5, add=add, scale=scale, shift=shift)
+        return (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum()
+
+    with ops.backend(backend):
+        grads = torch.autograd.grad(loss(ops.group_norm_act), leaves)
+    for got, want in zip(grads, torch.autograd.grad(loss(reference.group_norm_act), leaves)):
+        torch.testing.assert_close(got, want)
+
+
+def test_dispatch_picks_the_cpu_kernel_only_without_autograd(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu, "group_norm_act", lambda *args: calls.append(args) or args[0])
+    monkeypatch.setattr(cpu, "supports_group_norm", lambda x, act: True)
+    x, w, b, _ = _gn_inputs("plain")
+    with ops.backend("auto"):
+        ops.group_norm_act(x, w, b, 4)
+        assert len(calls) == 1
+        ops.group_norm_act(x, w.requires_grad_(), b, 4)  # autograd records: the reference
+        assert len(calls) == 1
+        with torch.no_grad():
+            ops.group_norm_act(x, w, b, 4)
+        assert len(calls) == 2
+    with ops.backend("reference"), torch.no_grad():
+        ops.group_norm_act(x, w, b, 4)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(num_groups=5), "num_groups=5"),
+    (dict(weight=torch.ones(3)), "weight must have shape"),
+    (dict(add=torch.ones(2, 12, 2)), "add must have shape"),
+    (dict(scale=torch.ones(12)), "scale must have shape"),
+    (dict(act="tanh"), "act='tanh'"),
+    (dict(x=torch.ones(12)), "x must be"),
+])
+def test_group_norm_act_rejects_bad_arguments(bad, message):
+    x, w, b, _ = _gn_inputs("plain")
+    args = dict(x=x, weight=w, bias=b, num_groups=4) | bad
+    with pytest.raises(ValueError, match=message):
+        ops.group_norm_act(**args)
+
+
+@pytest.mark.parametrize("heads, lk", [(1, 9), (4, 5)])
+def test_attention_equals_reference_and_explicit_math(heads, lk):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 7, 16, generator=g), torch.randn(2, lk, 16, generator=g), torch.randn(2, lk, 16, generator=g)
+    d = 16 // heads
+    want = torch.cat([torch.softmax(q[..., i * d:(i + 1) * d] @ k[..., i * d:(i + 1) * d].transpose(1, 2) / math.sqrt(d),
+                                    -1) @ v[..., i * d:(i + 1) * d] for i in range(heads)], dim=-1)
+    torch.testing.assert_close(reference.attention(q, k, v, heads), want)
+    torch.testing.assert_close(ops.attention(q, k, v, heads), want)
+    with pytest.raises(ValueError, match="heads=3"):
+        ops.attention(q, k, v, 3)
+    with pytest.raises(ValueError, match="attention needs"):
+        ops.attention(q, k[:, :, :8], v, heads)
+
+
+def _update_inputs(dtype=torch.float32):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(2, 3, 8, 8, generator=g).to(dtype) for _ in range(3)]
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("prediction_type", reference.PREDICTION_TYPES)
+@pytest.mark.parametrize("clip, sigma", [(None, 0.0), (1.0, 0.3)])
+def test_cpu_updates_equal_reference(prediction_type, clip, sigma):
+    x, m, noise = _update_inputs()
+    for used_clipped in (False, True):
+        args = (x, m, 0.3, 0.55, sigma, noise, prediction_type, clip, used_clipped)
+        with ops.backend("cpu"):
+            got = ops.ddim_update(*args)
+        for a, b in zip(got, reference.ddim_update(*args)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with ops.backend("cpu"):
+        got = ops.ddpm_update(x, m, 0.3, 0.55, sigma, noise, prediction_type, clip)
+    for a, b in zip(got, reference.ddpm_update(x, m, 0.3, 0.55, sigma, noise, prediction_type, clip)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@needs_cpu_kernels
+def test_cpu_updates_bf16():
+    x, m, noise = _update_inputs(torch.bfloat16)
+    with ops.backend("cpu"):
+        got = ops.ddim_update(x, m, 0.3, 0.55, 0.2, noise, "v_prediction", 1.0)
+    for a, b in zip(got, reference.ddim_update(x, m, 0.3, 0.55, 0.2, noise, "v_prediction", 1.0)):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("prediction_type", reference.PREDICTION_TYPES)
+@pytest.mark.parametrize("eta, clip", [(0.0, False), (1.0, True)])
+def test_ddim_update_matches_diffusers(prediction_type, eta, clip):
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler(prediction_type=prediction_type, clip_sample=clip)
+    sched.set_timesteps(10)
+    x, m, noise = _update_inputs()
+    t, prev_t = 601, 501
+    want = sched.step(m, t, x, eta=eta, variance_noise=noise)
+    a_t, a_p = sched.alphas_cumprod[t].item(), sched.alphas_cumprod[prev_t].item()
+    sigma = eta * math.sqrt((1 - a_p) / (1 - a_t) * (1 - a_t / a_p))
+    for backend in ("reference", "auto"):
+        with ops.backend(backend):
+            prev, x0 = ops.ddim_update(x, m, a_t, a_p, sigma, noise, prediction_type, 1.0 if clip else None)
+        torch.testing.assert_close(prev, want.prev_sample, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(x0, want.pred_original_sample, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("prediction_type", reference.PREDICTION_TYPES)
+def test_ddpm_update_matches_diffusers(prediction_type):
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(prediction_type=prediction_type)
+    sched.set_timesteps(10)
+    x, m, _ = _update_inputs()
+    t, prev_t = 600, 500
+    want = sched.step(m, t, x, generator=torch.Generator().manual_seed(7))
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
+    a_t, a_p = sched.alphas_cumprod[t].item(), sched.alphas_cumprod[prev_t].item()
+    sigma = math.sqrt((1 - a_p) / (1 - a_t) * (1 - a_t / a_p))  # fixed_small
+    for backend in ("reference", "auto"):
+        with ops.backend(backend):
+            prev, x0 = ops.ddpm_update(x, m, a_t, a_p, sigma, noise, prediction_type, 1.0)
+        torch.testing.assert_close(prev, want.prev_sample, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(x0, want.pred_original_sample, atol=2e-5, rtol=1e-5)
+
+
+def test_updates_reject_bad_arguments():
+    x, m, noise = _update_inputs()
+    with pytest.raises(ValueError, match="noise is required"):
+        ops.ddim_update(x, m, 0.3, 0.5, 0.1)
+    with pytest.raises(ValueError, match="prediction_type='x0'"):
+        ops.ddpm_update(x, m, 0.3, 0.5, prediction_type="x0")
+    with pytest.raises(ValueError, match="shape of x"):
+        ops.ddpm_update(x, m[:1], 0.3, 0.5)
+    with pytest.raises(ValueError, match="clip=0"):
+        ops.ddim_update(x, m, 0.3, 0.5, clip=0)
+
+
+def test_backend_switching_and_errors():
+    start = ops.get_backend()
+    with ops.backend("reference"):
+        assert ops.get_backend() == "reference"
+        with pytest.raises(RuntimeError), ops.backend("cpu"):
+            assert ops.get_backend() == "cpu"
+            raise RuntimeError
+        assert ops.get_backend() == "reference"
+    assert ops.get_backend() == start
+    with pytest.raises(ValueError, match="unknown ops backend 'cuda'"):
+        ops.set_backend("cuda")
+    assert ops.get_backend() == start
+    if HAS_TRITON and not os.environ.get("TRITON_INTERPRET"):
+        x, w, b, _ = _gn_inputs("plain")
+        with ops.backend("triton"), pytest.raises(ValueError, match="runs on CUDA tensors"):
+            ops.group_norm_act(x, w, b, 4)
+
+
+def _run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **env}, timeout=120)
+
+
+def test_environment_variable_sets_the_backend():
+    code = "import minidiff.ops as o; print(o.get_backend())"
+    assert _run_python(code, MINIDIFF_OPS="reference").stdout.strip() == "reference"
+    bad = _run_python(code, MINIDIFF_OPS="fast")
+    assert bad.returncode != 0 and "unknown ops backend 'fast'" in bad.stderr
+
+
+def test_missing_compiler_warns_once_and_uses_reference(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("MINIDIFF_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu, "_library", None)
+    x, w, b, _ = _gn_inputs("plain")
+    with ops.backend("cpu"), pytest.warns(RuntimeWarning, match="fast CPU kernels are unavailable") as caught:
+        out = [ops.group_norm_act(x, w, b, 4) for _ in range(2)]
+    assert len(caught) == 1
+    assert torch.equal(out[1], reference.group_norm_act(x, w, b, 4))
+
+
+_INTERPRETED = """
+import json, torch
+from minidiff import ops
+from minidiff.ops import reference, triton_kernels
+triton_kernels._MAX_BLOCK = 64  # several blocks per group: the loops run more than once
+torch.manual_seed(0)
+errors = {}
+x = torch.randn(2, 8, 5, 6) * 2 + 1
+w, b, add, scale, shift = torch.randn(8), torch.randn(8), torch.randn(2, 8), torch.randn(2, 8), torch.randn(2, 8)
+cases = {"plain silu": (x, {}), "add relu": (x, dict(add=add, act="relu")),
+         "scale_shift none": (x, dict(scale=scale, shift=shift, act="none")),
+         "all channels_last": (x.to(memory_format=torch.channels_last), dict(add=add, scale=scale, shift=shift)),
+         "sequence": (x.flatten(2), dict(add=add)), "bf16": (x.bfloat16(), dict(scale=scale, shift=shift))}
+with ops.backend("triton"):
+    for name, (xv, kw) in cases.items():
+        got, want = ops.group_norm_act(xv, w, b, 4, **kw), reference.group_norm_act(xv, w, b, 4, **kw)
+        errors[name] = ((got.float() - want.float()).abs().max().item(), str(got.dtype), got.stride() == xv.stride())
+    xs, m, noise = torch.randn(3, 2, 3, 4, 4).unbind(0)
+    for pt in reference.PREDICTION_TYPES:
+        got = ops.ddim_update(xs, m, 0.3, 0.6, 0.2, noise, pt, 1.0)
+        want = reference.ddim_update(xs, m, 0.3, 0.6, 0.2, noise, pt, 1.0)
+        errors["ddim " + pt] = (max((a - b).abs().max().item() for a, b in zip(got, want)), "", True)
+    got, want = ops.ddpm_update(xs, m, 0.3, 0.6), reference.ddpm_update(xs, m, 0.3, 0.6)
+    errors["ddpm"] = (max((a - b).abs().max().item() for a, b in zip(got, want)), "", True)
+print(json.dumps(errors))
+"""
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_triton_kernels_under_interpreter_equal_reference():
+    result = _run_python(_INTERPRETED, TRITON_INTERPRET="1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    errors = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(errors) == 10
+    for name, (err, dtype, same_strides) in errors.items():
+        assert err < (3e-2 if name == "bf16" else 2e-5), (name, err)
+        assert same_strides, name
+    assert errors["bf16"][1] == "torch.bfloat16"
+
+
+@pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs CUDA and triton")
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 3e-3)])
+def test_triton_kernels_on_cuda(dtype, tol):
+    for variant in VARIANTS:
+        x, w, b, kwargs = _gn_inputs(variant, dtype=dtype, shape=(4, 64, 33, 17))
+        x, w, b = x.cuda(), w.cuda(), b.cuda()
+        kwargs = {k: v.cuda() for k, v in kwargs.items()}
+        for xv in (x, x.to(memory_format=torch.channels_last)):
+            with torch.no_grad():
+                got = ops.group_norm_act(xv, w, b, 32, **kwargs)
+            torch.testing.assert_close(got.float(), reference.group_norm_act(x, w, b, 32, **kwargs).float(),
+                                       atol=tol, rtol=tol)
+    xs, m, noise = (t.cuda() for t in _update_inputs(dtype))
+    for a, b in zip(ops.ddim_update(xs, m, 0.3, 0.6, 0.2, noise, "epsilon", 1.0),
+                    reference.ddim_update(xs, m, 0.3, 0.6, 0.2, noise, "epsilon", 1.0)):
+        torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
