@@ -1,10 +1,11 @@
 """Fused ops vs their pure-torch references, one op at a time, on realistic UNet shapes.
 
-    python benchmarks/ops.py [--runs 30] [--backends auto compile] [--out benchmarks/results/ops.json]
+    python benchmarks/ops.py [--runs 30] [--threads N] [--backends auto compile] [--out benchmarks/results/ops.json]
 
 Each case runs the reference and each backend alternately (so load changes on a shared machine hit both
 alike), reports the median time of ``--runs`` runs after warm-up and the ratio reference / fused, prints
-a table and writes JSON. Threads: torch's setting as is. A CUDA section follows when CUDA is present.
+a table and writes JSON. Threads: torch's setting unless ``--threads``. A CUDA section follows when CUDA
+is present.
 """
 from __future__ import annotations
 
@@ -92,8 +93,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--backends", nargs="+", default=["auto"], choices=[b for b in ops.BACKENDS if b != "reference"])
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: as is)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ops.json")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     print(f"{'dev':5} {'op':34} {'shape':18} {'backend':8} {'ref ms':>9} {'fused ms':>9} {'ratio':>7}")
     with torch.inference_mode():

@@ -49,3 +49,27 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
                                   up_block_types=[_UP, "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
                                   attention_head_dim=4, cross_attention_dim=24),
 }
+
+
+CONDITIONING_MODES = ("concat", "additive", "cross-attention")
+
+
+def class_conditional_config(mode: str, num_classes: int, image_size: int = 16, channels: int = 1,
+                             null_class: bool = True, widths: tuple[int, ...] = (32, 64, 64)) -> dict[str, Any]:
+    """A small class-conditional UNet config for one of the course's three conditioning modes:
+    "concat" (label embedding broadcast as extra input channels), "additive" (label embedding added to the
+    timestep embedding, diffusers' class_embedding) or "cross-attention" (the label as a one-token sequence
+    that CrossAttn blocks attend to). ``null_class`` adds the extra row classifier-free guidance trains."""
+    if mode not in CONDITIONING_MODES:
+        raise ValueError(f"conditioning mode {mode!r} is not supported; allowed: {list(CONDITIONING_MODES)}")
+    n = len(widths)
+    base = dict(sample_size=image_size, in_channels=channels, out_channels=channels, block_out_channels=list(widths),
+                layers_per_block=2, norm_num_groups=8, num_class_embeds=num_classes + int(null_class))
+    if mode == "cross-attention":
+        return dict(base, _class_name="UNet2DConditionModel", class_embed_type="cross_attention",
+                    down_block_types=["DownBlock2D"] + ["CrossAttnDownBlock2D"] * (n - 1),
+                    up_block_types=["CrossAttnUpBlock2D"] * (n - 1) + ["UpBlock2D"],
+                    mid_block_type="UNetMidBlock2DCrossAttn", attention_head_dim=4, cross_attention_dim=widths[0])
+    return dict(base, _class_name="UNet2DModel", class_embed_type="concat" if mode == "concat" else None,
+                down_block_types=["DownBlock2D"] + ["AttnDownBlock2D"] * (n - 1),
+                up_block_types=["AttnUpBlock2D"] * (n - 1) + ["UpBlock2D"], attention_head_dim=16)

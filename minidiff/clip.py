@@ -120,14 +120,19 @@ class CLIPGuidance(LossGuide):
         if x0.ndim != 4 or x0.shape[1] != 3:
             raise ValueError(f"CLIP guidance needs RGB images (B, 3, H, W), got shape {tuple(x0.shape)}")
         if self.text_embedding.device != x0.device:
-            self.model.to(x0.device)
-            self.text_embedding = self.text_embedding.to(x0.device)
+            self.to(x0.device)
         images = ((x0 + 1) / 2).to(next(self.model.parameters()).dtype)
         cuts = torch.cat([self.augment(images) for _ in range(self.n_cuts)])        # (n_cuts * B, 3, S, S)
         u = F.normalize(self.model.encode_image(cuts).float(), dim=-1)
         u = u.view(self.n_cuts, x0.shape[0], -1)                                   # (n_cuts, B, D)
         chord = (u - self.text_embedding).norm(dim=-1)                             # (n_cuts, B), in [0, 2]
         return (2 * torch.arcsin((chord / 2).clamp(max=1.0)) ** 2).mean(dim=0).to(x0.dtype)
+
+    def to(self, device: torch.device | str) -> "CLIPGuidance":
+        """Move the CLIP model and the text embedding to ``device`` (``loss`` does it on demand)."""
+        self.model.to(device)
+        self.text_embedding = self.text_embedding.to(device)
+        return self
 
     def _describe(self) -> str:
         return f"prompt={self.prompt!r}, n_cuts={self.n_cuts}"

@@ -166,6 +166,11 @@ def guided_predictor(denoise: Denoiser, scheduler: DDPMScheduler | DDIMScheduler
     about twice the memory). Either way ``model_output`` is the model's output at the unguided x_t, and
     guides with scale 0 are skipped, so they give exactly the unguided sample.
     """
+    for guide in guides:
+        missing = [name for name in ("scale", "schedule", "clip_grad_norm", "loss") if not hasattr(guide, name)]
+        if missing:
+            raise TypeError(f"{guide!r} is not a guide: it lacks {missing}; wrap a loss function x0 -> (B,) "
+                            "in minidiff.guidance.LossGuide(fn, scale)")
     active = [g for g in guides if g.scale != 0]
 
     def predict(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:

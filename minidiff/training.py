@@ -232,7 +232,7 @@ class Trainer:
             show = self.config.progress and self.rank == 0
             with stop_on_signals(self._request_stop), tqdm(total=self.total_steps, initial=self.step,
                                                            desc="training", unit="step", disable=not show) as bar:
-                batches = self._batches()
+                batches = self.batches()
                 while self.step < self.total_steps:
                     loss, stop = mean_and_any(self.compute_gradients(batches), self.stop_signal is not None,
                                               self.world_size)
@@ -261,12 +261,17 @@ class Trainer:
     def _result(self, loss: float | None, interrupted: bool) -> TrainResult:
         return TrainResult(self.step, loss, interrupted, self.last_checkpoint, self.output_dir)
 
-    def _batches(self) -> Iterator[tuple[Tensor, Tensor | None]]:
+    def batches(self) -> Iterator[tuple[Tensor, Tensor | None]]:
+        """This process's endless stream of (images, labels) micro-batches, from the current step on."""
         c = self.config
         sampler = EpochBatches(len(self.dataset), c.batch_size, c.seed, self.step * c.grad_accumulation_steps,
                                self.rank, self.world_size)
+        # its own generator: creating the iterator must not draw from the global RNG (exact resume); the
+        # workers' seeds follow the step, so with num_workers > 0 and random augmentation a resumed run
+        # differs from an uninterrupted one
+        seeds = torch.Generator().manual_seed(c.seed * 1_000_003 + self.step)
         loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=c.num_workers,
-                            pin_memory=self.device.type == "cuda")
+                            pin_memory=self.device.type == "cuda", generator=seeds)
         return (split_batch(batch) for batch in loader)
 
     def _after_step(self, loss: float, lr: float, grad_norm: float) -> None:

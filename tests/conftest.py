@@ -7,7 +7,7 @@ import pytest
 import torch
 
 os.environ.setdefault("MINIDIFF_PROGRESS", "0")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1)  # tiny models: one thread is fastest, and immune to a busy machine
 
 TINY = dict(_class_name="UNet2DModel", sample_size=8, in_channels=3, out_channels=3, block_out_channels=[16, 32],
             layers_per_block=1, norm_num_groups=8, attention_head_dim=8,
@@ -31,6 +31,22 @@ def diffusers_twin(unet):
              if not (k.startswith("class_embedding") and unet.config.class_embed_type in ("concat", "cross_attention"))}
     ref.load_state_dict(state, strict=True, assign=True)
     return ref
+
+
+def random_unet(config):
+    """A minidiff UNet with random weights, quickly: built on the meta device, then every tensor drawn
+    from N(0, 1/fan_in) (norm weights around 1) instead of the slow default initialisers."""
+    import minidiff
+    with torch.device("meta"):
+        unet = minidiff.UNet.from_config(config)
+    unet.to_empty(device="cpu")
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            fan_in = p[0].numel() if p.ndim > 1 else 1
+            p.normal_(0, fan_in ** -0.5 if p.ndim > 1 else 0.1)
+            if "norm" in name and name.endswith("weight"):
+                p.add_(1)
+    return unet.eval()
 
 
 @pytest.fixture

@@ -21,8 +21,9 @@ def unet():
     return minidiff.UNet.from_config(TINY).eval()
 
 
-def _sample(unet, scheduler, guides=None, through_unet=False, steps=8):
-    kwargs = {"guides": guides, "guidance_through_unet": through_unet} if guides is not None else {}
+def _sample(unet, scheduler, guides=None, through_unet=False, steps=4, **kwargs):
+    if guides is not None:
+        kwargs.update(guides=guides, guide_through_unet=through_unet)
     return minidiff.sample(unet, scheduler, batch_size=4, num_inference_steps=steps, progress=False,
                            generator=torch.Generator().manual_seed(0), **kwargs)
 
@@ -50,6 +51,17 @@ def test_scale_zero_is_bit_identical(unet, scheduler_class, through_unet):
     scheduler = scheduler_class()
     guides = [ColorGuidance(TARGET, scale=0), LossGuide(_sum_x0, scale=0, clip_grad_norm=1.0)]
     assert torch.equal(_sample(unet, scheduler, guides, through_unet), _sample(unet, scheduler))
+
+
+def test_composes_with_classifier_free_guidance():
+    torch.manual_seed(0)
+    unet = minidiff.UNet.from_config(dict(TINY, num_class_embeds=3)).eval()   # row 2: the null class
+    cfg = {"class_labels": torch.tensor([0, 1, 0, 1]), "guidance_scale": 3.0}
+    scheduler = minidiff.DDIMScheduler()
+    plain = _sample(unet, scheduler, **cfg)
+    assert torch.equal(_sample(unet, scheduler, [ColorGuidance(TARGET, scale=0)], **cfg), plain)
+    guided = _sample(unet, scheduler, [ColorGuidance(TARGET)], **cfg)
+    assert color_loss(guided, TARGET).mean() < 0.8 * color_loss(plain, TARGET).mean()
 
 
 def test_schedule_factor_is_indexed_by_the_timestep(unet):
@@ -168,5 +180,7 @@ def test_bad_losses_and_images_are_rejected(unet):
         LossGuide("not a function")
     with pytest.raises(ValueError, match=r"one loss per sample, shape \(2,\)"):
         guided_predictor(_denoise(unet), scheduler, [LossGuide(lambda x0: x0.mean())])(x, t)
+    with pytest.raises(TypeError, match="not a guide.*LossGuide"):
+        guided_predictor(_denoise(unet), scheduler, [_sum_x0])
     with pytest.raises(ValueError, match="RGB"):
         color_loss(torch.zeros(2, 1, 8, 8), TARGET)

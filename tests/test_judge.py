@@ -13,12 +13,7 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def judge(cache_dir):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convolutions: extra threads only wait on each other on a shared CPU
-    try:
-        return Judge.for_dataset("digits", image_size=16, cache_dir=cache_dir)
-    finally:
-        torch.set_num_threads(threads)
+    return Judge.for_dataset("digits", image_size=16, cache_dir=cache_dir)
 
 
 @pytest.fixture(scope="module")

@@ -27,15 +27,6 @@ def make_models(out_channels: int) -> tuple[nn.Module, diffusers.UNet2DModel]:
     return ours.eval(), reference
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run ~10x faster on one thread when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def models():
     return make_models(out_channels=3)

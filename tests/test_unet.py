@@ -6,7 +6,7 @@ import torch
 
 import minidiff
 from minidiff.architectures import ARCHITECTURES
-from conftest import TINY, diffusers_twin
+from conftest import TINY, diffusers_twin, random_unet
 
 
 def _close(ours: torch.Tensor, ref: torch.Tensor) -> None:
@@ -26,8 +26,7 @@ def _perturb(unet: minidiff.UNet) -> None:
                                        ("ddpm-butterflies-32", 32), ("cd-imagenet64-narrow", 16),
                                        ("small-cross-attention", 16), ("course-mnist-28", 28)])
 def test_parity_with_diffusers_on_real_architectures(name, size, seeded):
-    unet = minidiff.UNet.from_config(ARCHITECTURES[name]).eval()
-    _perturb(unet)
+    unet = random_unet(ARCHITECTURES[name])
     ref = diffusers_twin(unet)
     c = unet.config
     x = torch.randn(2, c.in_channels, size, size)

@@ -1,7 +1,7 @@
 """Pure-torch references of the fused ops: the ground truth that every fast path is tested against.
 
-They compute in float32 (statistics, softmax, scheduler math) and return the input dtype, and they are
-differentiable, so the dispatcher also uses them whenever autograd is recording.
+They compute in float32 or wider (statistics, softmax, scheduler math) and return the input dtype, and
+they are differentiable, so the dispatcher also uses them whenever autograd is recording.
 """
 from __future__ import annotations
 
@@ -9,6 +9,11 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32, or float64 if it is float64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu, "mish": F.mish, "none": lambda h: h}
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
@@ -48,11 +53,11 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
     ``add``, ``scale`` and ``shift`` are per-(sample, channel) tensors of shape (B, C) or (B, C, 1, 1).
     """
     check_group_norm_args(x, weight, bias, num_groups, act)
-    h = x.float()
+    h = _wide(x)
     if add is not None:
         h = h + _expand(channel_vector(add, x, "add"), h)
-    h = F.group_norm(h, num_groups, None if weight is None else weight.float(),
-                     None if bias is None else bias.float(), eps)
+    h = F.group_norm(h, num_groups, None if weight is None else weight.to(h.dtype),
+                     None if bias is None else bias.to(h.dtype), eps)
     if scale is not None:
         h = h * (1 + _expand(channel_vector(scale, x, "scale"), h))
     if shift is not None:
@@ -61,8 +66,8 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
 
 
 def _expand(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(B, C) -> (B, C, 1, ...) broadcastable against ``like``, in float32."""
-    return t.float().reshape(*t.shape, *([1] * (like.dim() - 2)))
+    """(B, C) -> (B, C, 1, ...) broadcastable against ``like``, in its dtype."""
+    return t.to(like.dtype).reshape(*t.shape, *([1] * (like.dim() - 2)))
 
 
 def check_attention_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> None:
@@ -82,7 +87,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> 
     d = channels // heads
 
     def split(t: torch.Tensor) -> torch.Tensor:  # (B, L, C) -> (B, heads, L, d)
-        return t.float().reshape(batch, -1, heads, d).transpose(1, 2)
+        return _wide(t).reshape(batch, -1, heads, d).transpose(1, 2)
 
     weights = torch.softmax(split(q) @ split(k).transpose(-1, -2) / math.sqrt(d), dim=-1)  # (B, h, Lq, Lk)
     return (weights @ split(v)).transpose(1, 2).reshape(batch, length, channels).to(q.dtype)
@@ -122,8 +127,8 @@ def ddpm_update(x: torch.Tensor, model_output: torch.Tensor, alpha_bar_t: float,
     c0 = sqrt(a_prev) beta' / (1 - a_t), c1 = sqrt(alpha') (1 - a_prev) / (1 - a_t), alpha' = a_t / a_prev,
     beta' = 1 - alpha'. ``sigma`` is the step's noise std (the scheduler's variance choice)."""
     check_update_args(x, model_output, noise, sigma, prediction_type, clip)
-    xf = x.float()
-    x0, _ = predict_x0_eps(xf, model_output.float(), alpha_bar_t, prediction_type)
+    xf = _wide(x)
+    x0, _ = predict_x0_eps(xf, model_output.to(xf.dtype), alpha_bar_t, prediction_type)
     if clip is not None:
         x0 = x0.clamp(-clip, clip)
     alpha = alpha_bar_t / alpha_bar_prev
@@ -131,7 +136,7 @@ def ddpm_update(x: torch.Tensor, model_output: torch.Tensor, alpha_bar_t: float,
     c1 = math.sqrt(alpha) * (1 - alpha_bar_prev) / (1 - alpha_bar_t)
     prev = c0 * x0 + c1 * xf
     if sigma > 0:
-        prev = prev + sigma * noise.float()
+        prev = prev + sigma * noise.to(xf.dtype)
     return prev.to(x.dtype), x0.to(x.dtype)
 
 
@@ -144,8 +149,8 @@ def ddim_update(x: torch.Tensor, model_output: torch.Tensor, alpha_bar_t: float,
     sigma = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev) (eq. 16) is given by the caller.
     eps comes from the unclipped prediction unless ``use_clipped_model_output`` (then from the clipped x0)."""
     check_update_args(x, model_output, noise, sigma, prediction_type, clip)
-    xf = x.float()
-    x0, eps = predict_x0_eps(xf, model_output.float(), alpha_bar_t, prediction_type)
+    xf = _wide(x)
+    x0, eps = predict_x0_eps(xf, model_output.to(xf.dtype), alpha_bar_t, prediction_type)
     if clip is not None:
         x0 = x0.clamp(-clip, clip)
     if use_clipped_model_output:
@@ -153,5 +158,5 @@ def ddim_update(x: torch.Tensor, model_output: torch.Tensor, alpha_bar_t: float,
     direction = math.sqrt(max(1 - alpha_bar_prev - sigma**2, 0.0))
     prev = math.sqrt(alpha_bar_prev) * x0 + direction * eps
     if sigma > 0:
-        prev = prev + sigma * noise.float()
+        prev = prev + sigma * noise.to(xf.dtype)
     return prev.to(x.dtype), x0.to(x.dtype)

@@ -91,10 +91,11 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
     params = [None if t is None else t.detach().float().contiguous() for t in (weight, bias, add, scale, shift)]
     # absent parameters are never read (their HAS_ flag is off): x stands in for the pointer
     pointers = [x if t is None else t for t in params]
+    block = min(_MAX_BLOCK, triton.next_power_of_2(cpg * hw))
     _group_norm_act_kernel[(batch, num_groups)](
         x, y, *pointers, channels, hw, cpg, channels * hw, stride_c, stride_hw, eps,
         *(t is not None for t in params), ACT=KERNEL_ACTIVATIONS[act],
-        BLOCK=min(_MAX_BLOCK, triton.next_power_of_2(cpg * hw)))
+        BLOCK=block, num_warps=max(1, min(8, block // 256)))
     return y
 
 

@@ -1,0 +1,186 @@
+"""Training step: minidiff's UNet vs diffusers' UNet2DModel, same architecture and weights, with and
+without gradient checkpointing, side by side in one run.
+
+    python benchmarks/training.py [--arch ddpm-butterflies-32] [--batch_size 8] [--steps 3] [--device cpu]
+
+A step is what minidiff.training does: t, eps, add_noise, MSE against eps, backward, AdamW. Reported per
+case: images/s (median of the timed steps after warm-up, the cases taking turns so load changes on a
+shared machine hit all alike), and memory: on CUDA the peak allocated during a step above the resting
+state; on CPU the peak resident-set growth during a step (/proc VmHWM, reset before each step) and the
+bytes autograd holds for backward at the end of the forward (saved_tensors_hooks, unique storages,
+parameters excluded; inside checkpointed regions these are the checkpoint's, so this counts what stays
+saved outside them). Writes benchmarks/results/training.json.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from minidiff import DDPMScheduler, UNet
+from minidiff.architectures import ARCHITECTURES
+from minidiff.files import write_json
+from minidiff.train_setup import enable_gradient_checkpointing
+
+MB = 2**20
+
+
+def build(arch: str, library: str, checkpointing: bool, device: str) -> torch.nn.Module:
+    """The architecture with weights from seed 0 (diffusers' copy gets minidiff's state dict)."""
+    torch.manual_seed(0)
+    unet = UNet.from_config(ARCHITECTURES[arch])
+    if library == "diffusers":
+        import diffusers
+
+        config = {k: v for k, v in unet.config.to_dict().items() if not k.startswith("_")}
+        model = diffusers.UNet2DModel(**config)
+        model.load_state_dict(unet.state_dict(), strict=True)
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        unet = model
+    elif checkpointing:
+        enable_gradient_checkpointing(unet)
+    return unet.to(device).train()
+
+
+def loss_fn(model: torch.nn.Module, batch: tuple[torch.Tensor, ...], scheduler: DDPMScheduler) -> torch.Tensor:
+    x0, noise, t = batch
+    out = model(scheduler.add_noise(x0, noise, t), t)
+    return F.mse_loss(getattr(out, "sample", out), noise)  # diffusers returns an output dataclass
+
+
+def make_batch(arch: str, batch_size: int, step: int, device: str) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(step)
+    size = ARCHITECTURES[arch]["sample_size"]
+    x0 = torch.rand(batch_size, 3, size, size, generator=g) * 2 - 1
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.randint(0, 1000, (batch_size,), generator=g)
+    return tuple(v.to(device) for v in (x0, noise, t))
+
+
+def _rss_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def train_step(case: dict, batch: tuple[torch.Tensor, ...], scheduler: DDPMScheduler, device: str) -> float:
+    """One step; returns its seconds, recording the peak memory above the resting state in ``case``."""
+    model, optimizer = case["model"], case["optimizer"]
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        rest = torch.cuda.memory_allocated()
+    can_reset, rest_rss = _reset_peak_rss(), _rss_mb("VmRSS")
+    start = time.perf_counter()
+    loss = loss_fn(model, batch, scheduler)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - rest) / MB
+    else:
+        peak = _rss_mb("VmHWM") - rest_rss if can_reset else float("nan")
+    seconds = time.perf_counter() - start
+    case["peak_mb"] = max(case.get("peak_mb", 0.0), peak)
+    case.setdefault("losses", []).append(float(loss))
+    return seconds
+
+
+def saved_for_backward_mb(model: torch.nn.Module, batch: tuple[torch.Tensor, ...], scheduler: DDPMScheduler) -> float:
+    """MB of distinct non-parameter storages autograd keeps from the forward for the backward."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn(model, batch, scheduler)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(seen.values()) / MB
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    scheduler = DDPMScheduler()
+    cases = []
+    for checkpointing in (False, True):
+        for library in ("minidiff", "diffusers"):
+            model = build(args.arch, library, checkpointing, args.device)
+            cases.append({"library": library, "checkpointing": checkpointing, "model": model,
+                          "optimizer": torch.optim.AdamW(model.parameters(), lr=1e-4)})
+    for step in range(args.warmup + args.steps):  # the cases take turns, step by step
+        batch = make_batch(args.arch, args.batch_size, step, args.device)
+        for case in cases:
+            if step == args.warmup:
+                case.pop("peak_mb", None)  # the warm-up step allocates the optimizer state
+            seconds = train_step(case, batch, scheduler, args.device)
+            if step >= args.warmup:
+                case.setdefault("seconds", []).append(seconds)
+    for case in cases:
+        batch = make_batch(args.arch, args.batch_size, 0, args.device)
+        case["saved_mb"] = saved_for_backward_mb(case["model"], batch, scheduler)
+    return [{"library": c["library"], "gradient_checkpointing": c["checkpointing"],
+             "images_per_s": args.batch_size / statistics.median(c["seconds"]),
+             "step_s_median": statistics.median(c["seconds"]), "peak_mb": c["peak_mb"], "saved_mb": c["saved_mb"],
+             "first_loss": c["losses"][0]} for c in cases]
+
+
+def table(rows: list[dict], device: str) -> str:
+    peak = "peak alloc MB" if device == "cuda" else "peak RSS +MB"
+    lines = [f"{'library':<10}{'grad ckpt':>10}{'images/s':>10}{'step s':>9}{peak:>15}{'saved MB':>10}"]
+    for r in rows:
+        lines.append(f"{r['library']:<10}{str(r['gradient_checkpointing']):>10}{r['images_per_s']:>10.2f}"
+                     f"{r['step_s_median']:>9.3f}{r['peak_mb']:>15.1f}{r['saved_mb']:>10.1f}")
+    by = {(r["library"], r["gradient_checkpointing"]): r for r in rows}
+    for ckpt in (False, True):
+        m, d = by["minidiff", ckpt], by["diffusers", ckpt]
+        lines.append(f"minidiff / diffusers (ckpt={ckpt}): throughput x{m['images_per_s'] / d['images_per_s']:.2f}, "
+                     f"peak memory x{m['peak_mb'] / d['peak_mb']:.2f}, saved x{m['saved_mb'] / d['saved_mb']:.2f}")
+    for lib in ("minidiff", "diffusers"):
+        on, off = by[lib, True], by[lib, False]
+        lines.append(f"{lib}: checkpointing keeps x{on['peak_mb'] / off['peak_mb']:.2f} peak memory, "
+                     f"x{on['images_per_s'] / off['images_per_s']:.2f} throughput")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", default="ddpm-butterflies-32", choices=sorted(ARCHITECTURES))
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per case")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "training.json"))
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = run(args)
+    print(f"training step, {args.arch}, batch {args.batch_size}, {args.device}, {torch.get_num_threads()} threads")
+    print(table(rows, args.device))
+    write_json(args.out, {"arch": args.arch, "batch_size": args.batch_size, "device": args.device,
+                          "steps": args.steps, "threads": torch.get_num_threads(), "torch": torch.__version__,
+                          "machine": platform.processor() or platform.machine(), "results": rows})
+
+
+if __name__ == "__main__":
+    main()

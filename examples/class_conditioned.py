@@ -1,0 +1,92 @@
+"""Train a class-conditioned UNet on the embedded handwritten digits and judge its samples.
+
+The course's notebook 02, done so that it can be measured: any of the three conditioning modes
+(--conditioning concat|additive|cross-attention), classifier-free guidance training (label dropout to a
+learned null class), EMA, a step budget, and at the end an independent classifier (minidiff.judge) scores
+how many generated digits show the requested class.
+
+    python examples/class_conditioned.py                       # defaults: concat, ~4 minutes on 2 CPU cores
+    python examples/class_conditioned.py --conditioning cross-attention --guidance_scale 2
+
+Writes to --output_dir: the model (a pipeline folder: minidiff.UNet.from_pretrained(output_dir) loads it),
+samples.png (one row per class), metrics.json, and the training log of minidiff.training.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from torchvision.utils import save_image
+
+import minidiff
+from minidiff.architectures import CONDITIONING_MODES, class_conditional_config
+from minidiff.data import Digits
+from minidiff.judge import Judge, judge_samples
+from minidiff.training import TrainConfig, train
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--conditioning", choices=CONDITIONING_MODES, default="concat")
+    p.add_argument("--image_size", type=int, default=16)
+    p.add_argument("--max_steps", type=int, default=1500, help="optimizer steps (the training budget)")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup_steps", type=int, default=100)
+    p.add_argument("--ema_decay", type=float, default=0.995)
+    p.add_argument("--cond_drop_prob", type=float, default=0.1,
+                   help="label dropout to the null class, for classifier-free guidance (0 disables)")
+    p.add_argument("--guidance_scale", type=float, default=1.0, help="classifier-free guidance scale for samples")
+    p.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps for the judged samples")
+    p.add_argument("--samples_per_class", type=int, default=10)
+    p.add_argument("--output_dir", default="outputs/class_conditioned")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    dataset = Digits(args.image_size, split="train", augment=False)
+    config = class_conditional_config(args.conditioning, dataset.num_classes, args.image_size, dataset.channels,
+                                      null_class=args.cond_drop_prob > 0)
+    unet = minidiff.UNet.from_config(config)
+    scheduler = minidiff.DDPMScheduler(beta_schedule="squaredcos_cap_v2")
+    print(f"{args.conditioning} conditioning: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters")
+
+    start = time.perf_counter()
+    train(unet, scheduler, dataset, TrainConfig(
+        output_dir=args.output_dir, seed=args.seed, batch_size=args.batch_size, max_steps=args.max_steps,
+        lr=args.lr, warmup_steps=args.warmup_steps, ema_decay=args.ema_decay, cond_drop_prob=args.cond_drop_prob,
+        log_samples_every=0, save_model_every=max(args.max_steps // 3, 1), resume=args.resume,
+        overwrite=not args.resume))
+    train_seconds = time.perf_counter() - start
+
+    ema_unet, _ = minidiff.load_pipeline(args.output_dir)  # the EMA weights, as saved
+    ddim = minidiff.DDIMScheduler.from_config(scheduler.config)
+    judge = Judge.for_dataset("digits", image_size=args.image_size)
+    start = time.perf_counter()
+    images, _, report = judge_samples(ema_unet, ddim, judge, samples_per_class=args.samples_per_class,
+                                      num_inference_steps=args.num_inference_steps,
+                                      guidance_scale=args.guidance_scale, seed=args.seed)
+    sample_seconds = time.perf_counter() - start
+
+    out = Path(args.output_dir)
+    save_image(images / 2 + 0.5, out / "samples.png", nrow=args.samples_per_class, padding=1)
+    metrics = dict(conditioning=args.conditioning, guidance_scale=args.guidance_scale,
+                   num_inference_steps=args.num_inference_steps, train_steps=args.max_steps,
+                   train_seconds=round(train_seconds, 1), sample_seconds=round(sample_seconds, 1),
+                   judge_test_accuracy=judge.test_accuracy, **report.to_dict())
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    print(f"judged accuracy {report.accuracy:.1%} on {report.count} samples "
+          f"(judge: {judge.test_accuracy:.1%} on real test digits); trained {train_seconds:.0f} s, "
+          f"sampled {sample_seconds:.0f} s -> {out}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

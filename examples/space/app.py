@@ -1,0 +1,25 @@
+"""Hugging Face Space (SDK: gradio) serving the colour-guidance demo of examples/gradio_app.py on the CPU.
+
+A Space repository needs, next to this file and requirements.txt: ``gradio_app.py`` (copied from
+examples/) and the ``minidiff/`` package folder (pure Python, with the shipped model in
+minidiff/pretrained/). From a minidiff checkout:
+
+    cp -r minidiff examples/gradio_app.py examples/space/app.py examples/space/requirements.txt SPACE_REPO/
+
+``MINIDIFF_MODEL`` picks another shipped model or a pipeline folder in the Space (default shapes-32).
+Run locally with ``python examples/space/app.py`` (it then finds both in the repository).
+"""
+import os
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+# In a Space both sit next to this file; in the repository they are one and two levels up.
+sys.path[:0] = [str(HERE), str(HERE.parent), str(HERE.parents[1])]
+
+from gradio_app import build_demo, load_model  # noqa: E402
+
+demo = build_demo(*load_model(os.environ.get("MINIDIFF_MODEL", "shapes-32")))
+
+if __name__ == "__main__":
+    demo.launch()  # 127.0.0.1 locally; a Space sets GRADIO_SERVER_NAME=0.0.0.0
