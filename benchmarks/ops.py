@@ -92,7 +92,8 @@ def run(device: str, backends: list[str], runs: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=30)
-    parser.add_argument("--backends", nargs="+", default=["auto"], choices=[b for b in ops.BACKENDS if b != "reference"])
+    parser.add_argument("--backends", nargs="+", default=["auto"],
+                        choices=[b for b in ops.BACKENDS if b != "reference"])
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: as is)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ops.json")
     args = parser.parse_args()

@@ -53,7 +53,8 @@ def test_cpu_group_norm_act_equals_reference(variant, act, layout):
         out = ops.group_norm_act(x, w, b, 4, 1e-5, act=act, **kwargs)
     torch.testing.assert_close(out, reference.group_norm_act(x, w, b, 4, 1e-5, act=act, **kwargs),
                                atol=1e-5, rtol=1e-5)
-    assert out.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    layout_kept = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert out.is_contiguous(memory_format=layout_kept)
 
 
 @needs_cpu_kernels
@@ -86,7 +87,8 @@ def test_reference_group_norm_act_equals_torch_modules():
     x, w, b, kwargs = _gn_inputs("all")
     norm = torch.nn.GroupNorm(4, 12, eps=1e-6)
     norm.weight.data, norm.bias.data = w, b
-    h = norm(x + kwargs["add"][:, :, None, None]) * (1 + kwargs["scale"][:, :, None, None]) + kwargs["shift"][:, :, None, None]
+    add, scale, shift = (kwargs[k][:, :, None, None] for k in ("add", "scale", "shift"))
+    h = norm(x + add) * (1 + scale) + shift
     for act, fn in [("silu", F.silu), ("gelu", F.gelu), ("mish", F.mish), ("relu", F.relu), ("none", lambda t: t)]:
         torch.testing.assert_close(reference.group_norm_act(x, w, b, 4, 1e-6, act=act, **kwargs), fn(h))
 
@@ -150,10 +152,10 @@ def test_group_norm_act_rejects_bad_arguments(bad, message):
 @pytest.mark.parametrize("heads, lk", [(1, 9), (4, 5)])
 def test_attention_equals_reference_and_explicit_math(heads, lk):
     g = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(2, 7, 16, generator=g), torch.randn(2, lk, 16, generator=g), torch.randn(2, lk, 16, generator=g)
+    q, k, v = torch.randn(2, 7, 16, generator=g), *torch.randn(2, 2, lk, 16, generator=g)
     d = 16 // heads
-    want = torch.cat([torch.softmax(q[..., i * d:(i + 1) * d] @ k[..., i * d:(i + 1) * d].transpose(1, 2) / math.sqrt(d),
-                                    -1) @ v[..., i * d:(i + 1) * d] for i in range(heads)], dim=-1)
+    heads_qkv = [[t[..., i * d:(i + 1) * d] for t in (q, k, v)] for i in range(heads)]
+    want = torch.cat([torch.softmax(qh @ kh.transpose(1, 2) / math.sqrt(d), -1) @ vh for qh, kh, vh in heads_qkv], -1)
     torch.testing.assert_close(reference.attention(q, k, v, heads), want)
     torch.testing.assert_close(ops.attention(q, k, v, heads), want)
     with pytest.raises(ValueError, match="heads=3"):
@@ -196,19 +198,19 @@ def test_cpu_updates_bf16():
 
 @pytest.mark.parametrize("prediction_type", reference.PREDICTION_TYPES)
 @pytest.mark.parametrize("eta, clip", [(0.0, False), (1.0, True)])
-def test_ddim_update_matches_diffusers(prediction_type, eta, clip):
+def test_ddim_update_matches_diffusers(prediction_type, eta, clip):  # with clip: also use_clipped_model_output
     from diffusers import DDIMScheduler
 
     sched = DDIMScheduler(prediction_type=prediction_type, clip_sample=clip)
     sched.set_timesteps(10)
     x, m, noise = _update_inputs()
     t, prev_t = 601, 501
-    want = sched.step(m, t, x, eta=eta, variance_noise=noise)
+    want = sched.step(m, t, x, eta=eta, use_clipped_model_output=clip, variance_noise=noise)
     a_t, a_p = sched.alphas_cumprod[t].item(), sched.alphas_cumprod[prev_t].item()
     sigma = eta * math.sqrt((1 - a_p) / (1 - a_t) * (1 - a_t / a_p))
     for backend in ("reference", "auto"):
         with ops.backend(backend):
-            prev, x0 = ops.ddim_update(x, m, a_t, a_p, sigma, noise, prediction_type, 1.0 if clip else None)
+            prev, x0 = ops.ddim_update(x, m, a_t, a_p, sigma, noise, prediction_type, 1.0 if clip else None, clip)
         torch.testing.assert_close(prev, want.prev_sample, atol=2e-5, rtol=1e-5)
         torch.testing.assert_close(x0, want.pred_original_sample, atol=2e-5, rtol=1e-5)
 
@@ -269,7 +271,8 @@ def test_compile_backend_runs_the_compiled_math(monkeypatch):
     x, w, b, kwargs = _gn_inputs("all")
     xs, m, noise = _update_inputs()
     with ops.backend("compile"), torch.no_grad():
-        torch.testing.assert_close(ops.group_norm_act(x, w, b, 4, **kwargs), reference.group_norm_act(x, w, b, 4, **kwargs))
+        torch.testing.assert_close(ops.group_norm_act(x, w, b, 4, **kwargs),
+                                   reference.group_norm_act(x, w, b, 4, **kwargs))
         for got, want in zip(ops.ddim_update(xs, m, 0.3, 0.6, 0.2, noise, "sample", 1.0),
                              reference.ddim_update(xs, m, 0.3, 0.6, 0.2, noise, "sample", 1.0)):
             torch.testing.assert_close(got, want)
@@ -304,7 +307,7 @@ def test_environment_variable_sets_the_backend():
         except ValueError as err:
             print(err)
     """, MINIDIFF_OPS="reference")
-    assert result.stdout.splitlines() == ["reference", "unknown ops backend 'fast'; allowed: " + str(list(ops.BACKENDS))]
+    assert result.stdout.splitlines() == ["reference", f"unknown ops backend 'fast'; allowed: {list(ops.BACKENDS)}"]
 
 
 def test_missing_compiler_warns_once_and_uses_reference(monkeypatch, tmp_path):

@@ -8,6 +8,7 @@ from einops import rearrange
 from torch import nn
 
 from ..ops import attention
+from .resnet import norm_act
 
 
 class Attention(nn.Module):
@@ -41,7 +42,7 @@ class SpatialSelfAttention(Attention):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:  # (B, C, H, W)
         height = x.shape[2]  # context is unused: the signature matches Transformer2D's
-        h = self.group_norm(x) if self.group_norm is not None else x
+        h = norm_act(self.group_norm, x, "none") if self.group_norm is not None else x
         h = self.attend(rearrange(h, "b c h w -> b (h w) c"))
         out = rearrange(h, "b (h w) c -> b c h w", h=height) + x
         return out if self.rescale_output_factor == 1 else out / self.rescale_output_factor
@@ -108,7 +109,7 @@ class Transformer2D(nn.Module):
         height = x.shape[2]
         to_tokens = lambda t: rearrange(t, "b c h w -> b (h w) c")  # noqa: E731
         to_map = lambda t: rearrange(t, "b (h w) c -> b c h w", h=height)  # noqa: E731
-        h = self.norm(x)
+        h = norm_act(self.norm, x, "none")
         h = self.proj_in(to_tokens(h)) if self.linear else to_tokens(self.proj_in(h))
         for block in self.transformer_blocks:
             h = block(h, context)  # (B, H*W, C)

@@ -34,11 +34,12 @@ __all__ = ["BACKENDS", "attention", "backend", "ddim_update", "ddpm_update", "ge
 def _validated(name: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"unknown ops backend {name!r}; allowed: {list(BACKENDS)}")
-    if name == "triton" and importlib.util.find_spec("triton") is None:
+    if name == "triton" and not _HAS_TRITON:
         raise ValueError("ops backend 'triton' needs the triton package, which is not installed")
     return name
 
 
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 _backend = _validated(os.environ.get("MINIDIFF_OPS", "auto"))
 _compiled: dict[Callable, Callable] = {}
 
@@ -69,7 +70,7 @@ def _path(x: torch.Tensor, *inputs: torch.Tensor | None) -> str:
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *inputs)):
         return "reference"
     if _backend == "auto":
-        if x.is_cuda and importlib.util.find_spec("triton") is not None:
+        if x.is_cuda and _HAS_TRITON:
             return "triton"
         return "cpu" if x.device.type == "cpu" else "reference"
     if _backend == "triton" and not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
@@ -86,9 +87,10 @@ def _triton():
 
 
 def _compile(fn: Callable) -> Callable:
-    """torch.compile'd ``fn`` (cached); the reference, after a one-time warning, if compiling fails."""
+    """torch.compile'd ``fn`` (cached; shapes turn dynamic after the first recompile, so a UNet's many
+    shapes stay under dynamo's recompile limit); ``fn`` itself, after a one-time warning, if compiling fails."""
     if fn not in _compiled:
-        compiled = torch.compile(fn, dynamic=False)
+        compiled = torch.compile(fn)
 
         def run(*args, **kwargs):
             try:
@@ -114,7 +116,7 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
                                                                         (shift, "shift")))
     path = _path(x, weight, bias, add, scale, shift)
     args = (x, weight, bias, num_groups, eps, scale, shift, add, act)
-    if path == "triton" and act in cpu.KERNEL_ACTIVATIONS:
+    if path == "triton" and act in cpu.KERNEL_ACTIVATIONS and x.numel() > 0:
         return _triton().group_norm_act(*args)
     if path == "cpu" and cpu.supports_group_norm(x, act):
         return cpu.group_norm_act(*args)

@@ -10,13 +10,13 @@ import math
 import torch
 import torch.nn.functional as F
 
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu, "mish": F.mish, "none": lambda h: h}
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+
+
 def _wide(t: torch.Tensor) -> torch.Tensor:
     """``t`` in float32, or float64 if it is float64."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
-ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu, "mish": F.mish, "none": lambda h: h}
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
 
 def channel_vector(t: torch.Tensor | None, x: torch.Tensor, name: str) -> torch.Tensor | None:

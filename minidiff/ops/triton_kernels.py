@@ -6,7 +6,6 @@ CPU tensors under TRITON_INTERPRET=1 (set before triton is imported), which is h
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -15,11 +14,6 @@ import triton.language as tl
 from .cpu import KERNEL_ACTIVATIONS, UPDATE_COEFFICIENTS
 
 _MAX_BLOCK = 2048
-
-
-def runs_on(x: torch.Tensor) -> bool:
-    """Whether these kernels can take ``x``: CUDA tensors, or anything under the interpreter."""
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
