@@ -5,11 +5,10 @@ without gradient checkpointing, side by side in one run.
 
 A step is what minidiff.training does: t, eps, add_noise, MSE against eps, backward, AdamW. Reported per
 case: images/s (median of the timed steps after warm-up, the cases taking turns so load changes on a
-shared machine hit all alike), and memory: on CUDA the peak allocated during a step above the resting
-state; on CPU the peak resident-set growth during a step (/proc VmHWM, reset before each step) and the
-bytes autograd holds for backward at the end of the forward (saved_tensors_hooks, unique storages,
-parameters excluded; inside checkpointed regions these are the checkpoint's, so this counts what stays
-saved outside them). Writes benchmarks/results/training.json.
+shared machine hit all alike), the first step's loss (the same weights and batch: it must agree), and the
+memory a step needs above the resting state: on CUDA the peak allocated; on CPU the peak resident-set
+growth (/proc VmHWM, reset before the step) with glibc told to mmap every allocation over 64 KiB, so the
+resident set follows the live tensors. Writes benchmarks/results/training.json.
 """
 from __future__ import annotations
 
@@ -70,53 +69,54 @@ def _rss_mb(field: str) -> float:
     raise OSError(f"no {field} in /proc/self/status")
 
 
-def _reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
+def _libc():
+    import ctypes
+
+    return ctypes.CDLL("libc.so.6")
 
 
-def train_step(case: dict, batch: tuple[torch.Tensor, ...], scheduler: DDPMScheduler, device: str) -> float:
-    """One step; returns its seconds, recording the peak memory above the resting state in ``case``."""
+def _map_large_allocations() -> None:
+    """Make glibc serve every allocation over 64 KiB with its own mmap, returned to the OS on free, so the
+    resident set follows the live tensors instead of what the allocator keeps cached."""
+    M_MMAP_THRESHOLD = -3
+    if not _libc().mallopt(M_MMAP_THRESHOLD, 64 * 1024):
+        raise OSError("mallopt(M_MMAP_THRESHOLD) failed")
+
+
+def train_step(case: dict, batch: tuple[torch.Tensor, ...], scheduler: DDPMScheduler) -> float:
     model, optimizer = case["model"], case["optimizer"]
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        rest = torch.cuda.memory_allocated()
-    can_reset, rest_rss = _reset_peak_rss(), _rss_mb("VmRSS")
-    start = time.perf_counter()
     loss = loss_fn(model, batch, scheduler)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def timed_step(case: dict, batch: tuple[torch.Tensor, ...], scheduler: DDPMScheduler, device: str) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - rest) / MB
-    else:
-        peak = _rss_mb("VmHWM") - rest_rss if can_reset else float("nan")
-    seconds = time.perf_counter() - start
-    case["peak_mb"] = max(case.get("peak_mb", 0.0), peak)
-    case.setdefault("losses", []).append(float(loss))
-    return seconds
+    start = time.perf_counter()
+    case.setdefault("losses", []).append(train_step(case, batch, scheduler))
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
-def saved_for_backward_mb(model: torch.nn.Module, batch: tuple[torch.Tensor, ...], scheduler: DDPMScheduler) -> float:
-    """MB of distinct non-parameter storages autograd keeps from the forward for the backward."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = loss_fn(model, batch, scheduler)
-    loss.backward()
-    model.zero_grad(set_to_none=True)
-    return sum(seen.values()) / MB
+def peak_memory_mb(case: dict, batch: tuple[torch.Tensor, ...], scheduler: DDPMScheduler, device: str) -> float:
+    """Memory a step needs above the resting state (weights, gradients freed, optimizer state):
+    CUDA: peak allocated; CPU: peak resident set (VmHWM, reset through /proc/self/clear_refs)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        rest = torch.cuda.memory_allocated()
+        train_step(case, batch, scheduler)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - rest) / MB
+    _libc().malloc_trim(0)  # give back the free heap, which would otherwise serve new allocations unseen
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+    rest = _rss_mb("VmRSS")
+    train_step(case, batch, scheduler)
+    return _rss_mb("VmHWM") - rest
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -130,35 +130,34 @@ def run(args: argparse.Namespace) -> list[dict]:
     for step in range(args.warmup + args.steps):  # the cases take turns, step by step
         batch = make_batch(args.arch, args.batch_size, step, args.device)
         for case in cases:
-            if step == args.warmup:
-                case.pop("peak_mb", None)  # the warm-up step allocates the optimizer state
-            seconds = train_step(case, batch, scheduler, args.device)
+            seconds = timed_step(case, batch, scheduler, args.device)
             if step >= args.warmup:
                 case.setdefault("seconds", []).append(seconds)
-    for case in cases:
-        batch = make_batch(args.arch, args.batch_size, 0, args.device)
-        case["saved_mb"] = saved_for_backward_mb(case["model"], batch, scheduler)
+    if args.device != "cuda":
+        _map_large_allocations()  # after the timing: per-allocation mmaps are slower
+    batch = make_batch(args.arch, args.batch_size, 0, args.device)
     return [{"library": c["library"], "gradient_checkpointing": c["checkpointing"],
              "images_per_s": args.batch_size / statistics.median(c["seconds"]),
-             "step_s_median": statistics.median(c["seconds"]), "peak_mb": c["peak_mb"], "saved_mb": c["saved_mb"],
-             "first_loss": c["losses"][0]} for c in cases]
+             "step_s_median": statistics.median(c["seconds"]),
+             "peak_mb": peak_memory_mb(c, batch, scheduler, args.device), "first_loss": c["losses"][0]}
+            for c in cases]
 
 
 def table(rows: list[dict], device: str) -> str:
     peak = "peak alloc MB" if device == "cuda" else "peak RSS +MB"
-    lines = [f"{'library':<10}{'grad ckpt':>10}{'images/s':>10}{'step s':>9}{peak:>15}{'saved MB':>10}"]
+    lines = [f"{'library':<10}{'grad ckpt':>10}{'images/s':>10}{'step s':>9}{peak:>15}{'first loss':>12}"]
     for r in rows:
         lines.append(f"{r['library']:<10}{str(r['gradient_checkpointing']):>10}{r['images_per_s']:>10.2f}"
-                     f"{r['step_s_median']:>9.3f}{r['peak_mb']:>15.1f}{r['saved_mb']:>10.1f}")
+                     f"{r['step_s_median']:>9.3f}{r['peak_mb']:>15.1f}{r['first_loss']:>12.6f}")
     by = {(r["library"], r["gradient_checkpointing"]): r for r in rows}
     for ckpt in (False, True):
         m, d = by["minidiff", ckpt], by["diffusers", ckpt]
-        lines.append(f"minidiff / diffusers (ckpt={ckpt}): throughput x{m['images_per_s'] / d['images_per_s']:.2f}, "
-                     f"peak memory x{m['peak_mb'] / d['peak_mb']:.2f}, saved x{m['saved_mb'] / d['saved_mb']:.2f}")
+        lines.append(f"minidiff / diffusers, checkpointing {ckpt}: throughput x{m['images_per_s'] / d['images_per_s']:.2f}, "
+                     f"peak memory x{m['peak_mb'] / d['peak_mb']:.2f}")
     for lib in ("minidiff", "diffusers"):
         on, off = by[lib, True], by[lib, False]
-        lines.append(f"{lib}: checkpointing keeps x{on['peak_mb'] / off['peak_mb']:.2f} peak memory, "
-                     f"x{on['images_per_s'] / off['images_per_s']:.2f} throughput")
+        lines.append(f"{lib}: gradient checkpointing -> peak memory x{on['peak_mb'] / off['peak_mb']:.2f}, "
+                     f"throughput x{on['images_per_s'] / off['images_per_s']:.2f}")
     return "\n".join(lines)
 
 

@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output_dir")
     p.add_argument("--overwrite", action="store_true", help="replace a previous run in --output_dir")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...; None: cuda if available")
     p.add_argument("--eval_samples", type=int, default=32, help="samples for the domain-shift measure")
     return p.parse_args(argv)
 

@@ -55,7 +55,8 @@ CONDITIONING_MODES = ("concat", "additive", "cross-attention")
 
 
 def class_conditional_config(mode: str, num_classes: int, image_size: int = 16, channels: int = 1,
-                             null_class: bool = True, widths: tuple[int, ...] = (32, 64, 64)) -> dict[str, Any]:
+                             null_class: bool = True, widths: tuple[int, ...] = (32, 64), layers_per_block: int = 1
+                             ) -> dict[str, Any]:
     """A small class-conditional UNet config for one of the course's three conditioning modes:
     "concat" (label embedding broadcast as extra input channels), "additive" (label embedding added to the
     timestep embedding, diffusers' class_embedding) or "cross-attention" (the label as a one-token sequence
@@ -64,7 +65,7 @@ def class_conditional_config(mode: str, num_classes: int, image_size: int = 16, 
         raise ValueError(f"conditioning mode {mode!r} is not supported; allowed: {list(CONDITIONING_MODES)}")
     n = len(widths)
     base = dict(sample_size=image_size, in_channels=channels, out_channels=channels, block_out_channels=list(widths),
-                layers_per_block=2, norm_num_groups=8, num_class_embeds=num_classes + int(null_class))
+                layers_per_block=layers_per_block, norm_num_groups=8, num_class_embeds=num_classes + int(null_class))
     if mode == "cross-attention":
         return dict(base, _class_name="UNet2DConditionModel", class_embed_type="cross_attention",
                     down_block_types=["DownBlock2D"] + ["CrossAttnDownBlock2D"] * (n - 1),

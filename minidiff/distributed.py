@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
 
 
 def epoch_permutation(num_items: int, seed: int, epoch: int) -> list[int]:
@@ -45,6 +46,17 @@ class EpochBatches:
             first = index * self.batch_size + self.offset
             yield order[first : first + self.share]
             micro += 1
+
+
+def data_loader(dataset: Dataset, batch_size: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1,
+                **kwargs: Any) -> DataLoader:
+    """A DataLoader over ``EpochBatches`` (``kwargs`` go to DataLoader: num_workers, pin_memory, ...)."""
+    sampler = EpochBatches(len(dataset), batch_size, seed, start, rank, world_size)
+    # Its own generator: creating the iterator must not draw from the global RNG (exact resume). The
+    # workers' seeds follow ``start``: with num_workers > 0 and random augmentation in the dataset, a
+    # resumed run differs from an uninterrupted one.
+    seeds = torch.Generator().manual_seed(seed * 1_000_003 + start)
+    return DataLoader(dataset, batch_sampler=sampler, generator=seeds, **kwargs)
 
 
 def setup_distributed(device: str | None = None) -> tuple[int, int, torch.device, bool]:

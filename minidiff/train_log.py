@@ -44,7 +44,7 @@ class MetricsLog:
 
 
 def plot_loss(rows: list[dict[str, Any]], path: str | os.PathLike, smoothing: float = 0.9) -> Path | None:
-    """Loss per step (faint) and its exponential moving average (bold), log scale."""
+    """Loss per step (faint) and its bias-corrected exponential moving average, log scale."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -54,10 +54,10 @@ def plot_loss(rows: list[dict[str, Any]], path: str | os.PathLike, smoothing: fl
     if not rows:
         return None
     steps, losses = [r["step"] for r in rows], [r["loss"] for r in rows]
-    smooth, value = [], losses[0]
-    for loss in losses:
+    smooth, value = [], 0.0
+    for n, loss in enumerate(losses, 1):
         value = smoothing * value + (1 - smoothing) * loss
-        smooth.append(value)
+        smooth.append(value / (1 - smoothing**n))  # bias-corrected, as Adam's moments
     figure = Figure(figsize=(6, 3.5), dpi=100)  # no pyplot: no global state, no display backend
     FigureCanvasAgg(figure)
     ax = figure.add_subplot()
@@ -91,6 +91,13 @@ def fixed_seed_samples(unet: nn.Module, scheduler: DDPMScheduler | DDIMScheduler
     finally:
         unet.train(was_training)
     return (x.float() / 2 + 0.5).clamp(0, 1)
+
+
+def grid_labels(unet: nn.Module, n: int, null_class: bool) -> Tensor | None:
+    """Labels 0, 1, 2, ... for the grid of a class-conditional UNet (never its null class), else None."""
+    if not unet.takes_class_labels or unet.config.num_class_embeds is None:
+        return None
+    return torch.arange(n) % (unet.config.num_class_embeds - null_class)
 
 
 def save_sample_grid(images: Tensor, path: str | os.PathLike, nrow: int = 4) -> Path:

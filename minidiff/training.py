@@ -25,16 +25,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .distributed import EpochBatches, barrier, gather_objects, mean_and_any, setup_distributed
+from .distributed import EpochBatches, barrier, data_loader, gather_objects, mean_and_any, setup_distributed
 from .ema import EMA
 from .files import write_json
 from .io import save_pipeline
 from .schedulers import DDIMScheduler, DDPMScheduler
-from .train_log import MetricsLog, fixed_seed_samples, save_sample_grid
+from .train_log import MetricsLog, fixed_seed_samples, grid_labels, save_sample_grid
 from .train_setup import (autocast_dtype, enable_gradient_checkpointing, prepare_unet, seed_everything,
                           split_batch, stop_on_signals)
 
@@ -76,15 +76,12 @@ class TrainConfig:
     progress: bool = True                  # tqdm progress bar (rank 0)
 
     def __post_init__(self) -> None:
-        positive = ("batch_size", "grad_accumulation_steps", "num_epochs", "sample_steps")
-        non_negative = ("warmup_steps", "log_samples_every", "save_model_every", "keep_checkpoints",
-                        "num_workers", "seed")
-        for name in positive + non_negative:
-            value, low = getattr(self, name), 1 if name in positive else 0
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        minimum = dict(batch_size=1, grad_accumulation_steps=1, num_epochs=1, max_steps=1, sample_steps=1, seed=0,
+                       warmup_steps=0, log_samples_every=0, save_model_every=0, keep_checkpoints=0, num_workers=0)
+        for name, low in minimum.items():
+            value = getattr(self, name)
+            if (value is not None or name != "max_steps") and (type(value) is not int or value < low):
                 raise ValueError(f"TrainConfig.{name}={value!r}: expected an int >= {low}")
-        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
-            raise ValueError(f"TrainConfig.max_steps={self.max_steps!r}: expected None or an int >= 1")
         for name, allowed in (("lr_schedule", LR_SCHEDULES), ("mixed_precision", MIXED_PRECISION)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}; allowed: {list(allowed)}")
@@ -95,6 +92,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: ema_decay={self.ema_decay} and cond_drop_prob={self.cond_drop_prob} "
                              "must be in [0, 1)")
         object.__setattr__(self, "adam_betas", tuple(self.adam_betas))
+        object.__setattr__(self, "output_dir", str(self.output_dir))  # a Path is welcome too
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as JSON values."""
@@ -246,32 +244,23 @@ class Trainer:
                         self.save_checkpoint()
                         bar.write(f"stopped by signal {self.stop_signal} after step {self.step}; checkpoint saved "
                                   f"to {self.last_checkpoint}; continue with resume=True")
-                        return self._result(loss, interrupted=True)
+                        return TrainResult(self.step, loss, True, self.last_checkpoint, self.output_dir)
                 self._finish()
         finally:
             if self._owns_group:
                 dist.destroy_process_group()
-        return self._result(loss, interrupted=False)
+        return TrainResult(self.step, loss, False, self.last_checkpoint, self.output_dir)
 
     def _request_stop(self, name: str) -> None:
         self.stop_signal = name
         if self.rank == 0:
             tqdm.write(f"{name}: finishing the step and saving a checkpoint (send it again to abort)")
 
-    def _result(self, loss: float | None, interrupted: bool) -> TrainResult:
-        return TrainResult(self.step, loss, interrupted, self.last_checkpoint, self.output_dir)
-
     def batches(self) -> Iterator[tuple[Tensor, Tensor | None]]:
         """This process's endless stream of (images, labels) micro-batches, from the current step on."""
         c = self.config
-        sampler = EpochBatches(len(self.dataset), c.batch_size, c.seed, self.step * c.grad_accumulation_steps,
-                               self.rank, self.world_size)
-        # its own generator: creating the iterator must not draw from the global RNG (exact resume); the
-        # workers' seeds follow the step, so with num_workers > 0 and random augmentation a resumed run
-        # differs from an uninterrupted one
-        seeds = torch.Generator().manual_seed(c.seed * 1_000_003 + self.step)
-        loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=c.num_workers,
-                            pin_memory=self.device.type == "cuda", generator=seeds)
+        loader = data_loader(self.dataset, c.batch_size, c.seed, self.step * c.grad_accumulation_steps, self.rank,
+                             self.world_size, num_workers=c.num_workers, pin_memory=self.device.type == "cuda")
         return (split_batch(batch) for batch in loader)
 
     def _after_step(self, loss: float, lr: float, grad_norm: float) -> None:
@@ -303,9 +292,9 @@ class Trainer:
         """Rank 0: a grid of 8 fixed-seed DDIM samples from the EMA weights, and the loss curve."""
         if self.rank != 0:
             return None
-        model = self.ema.model if self.ema is not None else self.unet
-        images = fixed_seed_samples(model, self.scheduler, num_inference_steps=self.config.sample_steps,
-                                    seed=self.config.seed, class_labels=_grid_labels(model, self.config, 8))
+        model, c = (self.ema.model if self.ema is not None else self.unet), self.config
+        images = fixed_seed_samples(model, self.scheduler, num_inference_steps=c.sample_steps, seed=c.seed,
+                                    class_labels=grid_labels(model, 8, null_class=c.cond_drop_prob > 0))
         self.metrics.plot(self.output_dir / "loss.png")
         return save_sample_grid(images, self.output_dir / "samples" / f"step_{self.step:07d}.png")
 
@@ -366,12 +355,3 @@ def train(unet: nn.Module, scheduler: DDPMScheduler | DDIMScheduler, dataset: Da
           config: TrainConfig = TrainConfig()) -> TrainResult:
     """Train ``unet`` on ``dataset`` with ``config`` (see ``Trainer``); returns the TrainResult."""
     return Trainer(unet, scheduler, dataset, config).run()
-
-
-# ---------------------------------------------------------------------------------------- helpers
-def _grid_labels(unet: nn.Module, config: TrainConfig, n: int) -> Tensor | None:
-    """Labels 0, 1, 2, ... for a class-conditional sample grid (never the null class)."""
-    if not unet.takes_class_labels or unet.config.num_class_embeds is None:
-        return None
-    classes = unet.config.num_class_embeds - (1 if config.cond_drop_prob > 0 else 0)
-    return torch.arange(n) % classes

@@ -60,7 +60,8 @@ def metrics(output_dir: Path) -> list[dict]:
 
 
 class Hook(Dataset):
-    """Wraps a dataset; calls ``hook(item)`` on the ``at``-th item fetched (0-based) and returns its result."""
+    """Wraps a dataset; calls ``hook(item)`` on the ``at``-th item fetched (0-based) and returns its result.
+    A Trainer fetches one item first (to learn the image shape), then ``batch_size`` items per micro-batch."""
 
     def __init__(self, base: Dataset, at: int, hook):
         self.base, self.at, self.hook, self.fetched = base, at, hook, 0
@@ -162,7 +163,8 @@ def test_resume_after_sigint_is_bit_identical(tmp_path):
     def interrupt(item):
         os.kill(os.getpid(), signal.SIGINT)
         return item
-    stopped = train(tiny_unet(**dropout), scheduler(), Hook(images(), at=17, hook=interrupt), config("split"))
+    interrupted = Hook(images(), at=17, hook=interrupt)  # the first item of step 3
+    stopped = train(tiny_unet(**dropout), scheduler(), interrupted, config("split"))
     assert stopped.interrupted and stopped.step == 3 and stopped.checkpoint.name == "step_0000003"
     assert not (tmp_path / "split" / "model_index.json").exists()
     torch.manual_seed(1234)
@@ -218,13 +220,13 @@ def test_fresh_run_refuses_a_used_output_dir(tmp_path):
 
 
 def test_signal_handlers():
-    received = []
+    received, before = [], signal.getsignal(signal.SIGINT)
     with stop_on_signals(received.append):
         os.kill(os.getpid(), signal.SIGTERM)
         assert received == ["SIGTERM"]
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 # ------------------------------------------------------------------------------------ outputs
