@@ -2,7 +2,7 @@
 diffusers (eager, and torch.compile), on the same weights, for the real checkpoints' architectures.
 
     python benchmarks/unet_vs_diffusers.py [--arch ddpm-butterflies-32 ...] [--runs 10] [--batch_size 8]
-        [--threads N] [--no-compile] [--compile-train] [--no-train] [--out benchmarks/results/unet_vs_diffusers.json]
+        [--threads N] [--no-compile | --compile-arch ARCH ...] [--compile-train] [--no-train]
 
 Cases take turns (A, B, C, A, B, C, ...) so load changes on a shared machine hit all alike; the table
 gives the median of ``--runs`` timed calls after one warm-up round (compiled cases compile during their
@@ -11,7 +11,9 @@ MSE to the noise, backward, AdamW step, each case on its own copy of the weights
 torch's FlopCounterMode; GFLOP/s are compared with two references timed in the same rounds: a 2048^3
 float32 matmul (torch.mm, MKL) and a 3x3 channels_last convolution (oneDNN) of a typical UNet layer.
 "diffusers compile" is ``torch.compile(model)`` with default settings; "minidiff optimize+compile" is
-``minidiff.optimize(unet, compile=True)`` (inductor; frozen weights for inference).
+``minidiff.optimize(unet, compile=True)`` (inductor; frozen weights for inference). "max rel diff" is
+each case's max |output - minidiff eager output| / max |minidiff eager output|: same weights, same math.
+Writes benchmarks/results/unet_vs_diffusers.json (--out).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import common  # noqa: I001  (first: it configures OpenMP before torch loads)
 
 import argparse
 import copy
+import time
 from typing import Any, Callable
 
 import torch
@@ -107,9 +110,14 @@ def reference_cases() -> tuple[dict[str, Callable[[], Any]], dict[str, int]]:
             {"matmul 2048^3": matmul_flops, "conv 3x3 (oneDNN)": conv_flops})
 
 
-def first_calls(fns: dict[str, Callable[[], Any]]) -> dict[str, float]:
-    """Seconds of each function's first call (compiling, for compiled cases)."""
-    return {name: common.time_interleaved({name: fn}, runs=1, warmup=0)[name][0] for name, fn in fns.items()}
+def first_calls(fns: dict[str, Callable[[], Any]]) -> tuple[dict[str, float], dict[str, Any]]:
+    """Seconds (compiling, for compiled cases) and results of each function's first call."""
+    seconds, results = {}, {}
+    for name, fn in fns.items():
+        start = time.perf_counter()
+        results[name] = fn()
+        seconds[name] = time.perf_counter() - start
+    return seconds, results
 
 
 def forward_results(arch: str, models: dict[str, nn.Module], args: argparse.Namespace) -> dict[str, Any]:
@@ -118,10 +126,12 @@ def forward_results(arch: str, models: dict[str, nn.Module], args: argparse.Name
     fns = {name: (lambda m=m: m(x, t, **labels)) for name, m in models.items()}
     with torch.no_grad():
         flops = common.count_flops(fns["minidiff eager"])
-        first = first_calls(fns)
+        first, outputs = first_calls(fns)
         times = common.time_interleaved({**fns, **refs}, args.runs)
     peaks = {name: ref_flops[name] / common.median(times[name]) / 1e9 for name in refs}
-    return {"flops": flops, "first_call_s": first, "peak_gflops": peaks,
+    ref = outputs["minidiff eager"]
+    error = {name: ((out - ref).abs().max() / ref.abs().max()).item() for name, out in outputs.items()}
+    return {"flops": flops, "first_call_s": first, "peak_gflops": peaks, "max_rel_diff": error,
             "median_ms": {name: common.median(v) * 1e3 for name, v in times.items() if name in fns},
             "times_s": times}
 
@@ -144,7 +154,7 @@ def train_results(arch: str, models: dict[str, nn.Module], args: argparse.Namesp
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         fns[name] = lambda m=model, o=optimizer: train_step(m, o, x, t, noise, labels)
     flops = common.count_flops(lambda: models["minidiff eager"](x, t, **labels).square().mean().backward())
-    first = first_calls(fns)
+    first, _ = first_calls(fns)
     times = common.time_interleaved(fns, args.runs)
     for model in models.values():
         model.eval()
@@ -160,7 +170,8 @@ def forward_rows(arch: str, r: dict[str, Any]) -> list[list[Any]]:
         rows.append([arch, name, value, value / ms["diffusers eager"],
                      value / ms["diffusers compile"] if "diffusers compile" in ms else None, gflops,
                      100 * gflops / r["peak_gflops"]["matmul 2048^3"],
-                     100 * gflops / r["peak_gflops"]["conv 3x3 (oneDNN)"], r["first_call_s"][name]])
+                     100 * gflops / r["peak_gflops"]["conv 3x3 (oneDNN)"], r["first_call_s"][name],
+                     r["max_rel_diff"][name]])
     return rows
 
 
@@ -192,8 +203,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=10, help="timed calls per case (after one warm-up round)")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--no-compile", dest="compile", action="store_false",
-                   help="skip the torch.compile cases (each compile takes minutes on a small CPU)")
+    p.add_argument("--compile-arch", nargs="*", default=None, metavar="ARCH",
+                   help="archs that get the torch.compile cases (default: all of --arch; each compile takes "
+                        "minutes on a small CPU)")
+    p.add_argument("--no-compile", dest="compile_arch", action="store_const", const=[],
+                   help="no torch.compile cases")
     p.add_argument("--compile-train", action="store_true", help="also time compiled training steps")
     p.add_argument("--no-train", dest="train", action="store_false", help="skip the training-step cases")
     p.add_argument("--out", default="benchmarks/results/unet_vs_diffusers.json")
@@ -206,7 +220,7 @@ def main() -> None:
     results, fwd_rows, train_rows, targets = {}, [], [], []
     for arch in args.arch:
         print(f"{arch}: building and timing ...", flush=True)
-        models = build_models(arch, args.compile)
+        models = build_models(arch, args.compile_arch is None or arch in args.compile_arch)
         fwd = forward_results(arch, models, args)
         train = train_results(arch, models, args) if args.train else None
         results[arch] = {"forward": fwd, "train_step": train}
@@ -219,7 +233,7 @@ def main() -> None:
     print(f"\nForward, batch {args.batch_size}, float32, {common.environment()['threads']} threads "
           f"(median of {args.runs}):\n")
     print(common.markdown_table(["arch", "case", "ms", "x diffusers eager", "x diffusers compile", "GFLOP/s",
-                                 "% matmul peak", "% conv peak", "first call s"], fwd_rows))
+                                 "% matmul peak", "% conv peak", "first call s", "max rel diff"], fwd_rows))
     if train_rows:
         print("\nTraining step (forward, backward, AdamW):\n")
         print(common.markdown_table(["arch", "case", "ms", "x diffusers eager", "GFLOP/s", "first call s"],

@@ -74,11 +74,12 @@ class CLIPGuidance(LossGuide):
     """Guide towards ``prompt`` with CLIP: per sample, the mean over ``n_cuts`` augmented cut-outs
     (RandomResizedCrop to CLIP's input size, RandomAffine(5), RandomHorizontalFlip, CLIP Normalize) of
     the squared great-circle distance d(u, v) = 2 arcsin(|u - v| / 2)^2 between the unit image and text
-    embeddings. The text embedding is computed once. Weights: ``model=`` (with its ``tokenizer=``, or
-    the one of ``model_name``), else ``load_clip(model_name, pretrained, checkpoint_path)``. The model
-    is frozen, put in eval mode, and follows the images' device. The augmentations draw from torch's
-    global RNG (seed it with ``torch.manual_seed`` for reproducible samples). The default schedule
-    sqrt(alpha_bar) is the course's.
+    embeddings (each cut-out's random parameters are shared by the batch, as in the course). The text
+    embedding is computed once. Weights: ``model=`` (with its ``tokenizer=``, or the one of
+    ``model_name``), else ``load_clip(model_name, pretrained, checkpoint_path)``. The model is frozen,
+    put in eval mode, and follows the images' device. The augmentations draw from torch's global RNG
+    (seed it with ``torch.manual_seed`` for reproducible samples). The default schedule sqrt(alpha_bar)
+    is the course's.
     """
 
     def __init__(self, prompt: str, scale: float = 8.0, n_cuts: int = 4, model_name: str = "ViT-B-32",

@@ -1,48 +1,55 @@
 """``minidiff.optimize(unet)``: the one-line opt-in fast path, for inference and training.
 
-What it combines, and why (measured on the 2-core AVX2 dev box, float32, batch 8, butterflies-32 and
-cifar10-32; numbers in benchmarks/unet_vs_diffusers.py's results):
-- ``channels_last`` weights. Convolutions are ~90% of the forward; oneDNN's NHWC kernels run them
-  ~10% faster (up to 1.5x on 4x4 maps) and the 1x1 shortcuts stop taking torch's slow im2col path; the
-  C++ GroupNorm+act reads NHWC directly, and attention's (B, C, H, W) -> (B, H*W, C) becomes a view
-  instead of a copy. Every activation follows the weights' layout; the output is made contiguous again.
+What it combines, and why (measured on the 2-core AVX2 dev box, float32, batch 8; the numbers are in
+benchmarks/results/unet_vs_diffusers.json):
+- ``channels_last`` weights. Convolutions are most of the forward; oneDNN's NHWC kernels run the 3x3
+  ones ~10% faster (up to 1.5x on 4x4 maps), the C++ GroupNorm+act reads NHWC directly (~1.5x faster
+  than on NCHW), and attention's (B, C, H, W) -> (B, H*W, C) becomes a view instead of a copy. Every
+  activation follows the weights' layout from conv_in on; the output is made contiguous again.
+  Training gains nothing from it here, and loses nothing measurable.
 - ``compile=True``: torch.compile (inductor) of the forward with the pure-torch reference ops (the
   C++/Triton kernels are opaque to the compiler and would split the graph), so inductor fuses
-  GroupNorm+act and the residual adds into the convolutions' neighbours. With ``freeze`` (inference
-  only) inductor also treats the weights as constants and prepacks them for oneDNN ("freezing"). A
-  compile takes minutes on a small CPU and happens again for every new input shape.
-Measured and left out: one fused q/k/v matmul (attention projections are < 4% of the forward; no
-gain) and prepacked oneDNN conv weights without the compiler (~2%, through private ops).
+  GroupNorm+act and the residual adds itself. With ``freeze`` inference calls use inductor's
+  "freezing": the weights become constants, prepacked for oneDNN with bias and activation fused into
+  the convolutions. A compile takes minutes on a small CPU, and again for each new input shape.
+Measured and left out: one fused q/k/v matmul (no gain: the projections are < 4% of the forward) and
+prepacking oneDNN conv weights without the compiler (< 2%, and only through private ops).
 
 ``optimize`` works in place and returns ``unet``; ``restore(unet)`` undoes it (import it from
 ``minidiff.optimize``). Parameter names, values and state_dict keys are unchanged (save_pretrained
 writes contiguous copies), so saving, loading, EMA and optimizers behave as before. Autograd works
-through every path; a frozen graph runs only for calls that record no gradient and only while the
-weights are the ones it was built from (the parameters' version counters tell), else the unfrozen
-compiled graph runs.
+through every path. A frozen graph runs only for calls that record no gradient (``torch.no_grad``, as
+``minidiff.sample`` does) and only while the weights are the ones it was built from (the parameters'
+version counters tell: an optimizer step or load_state_dict changes them); other calls run the
+unfrozen compiled graph, until ``optimize`` is called again to freeze the current weights.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any
+import types
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from . import ops
+from .models import UNet
 
 _STATE = "_minidiff_optimize"  # the attribute holding what restore() must undo
 
 
 def _forward(unet: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """The class's own forward: what torch.compile traces (one function per variant, so that the
-    frozen and the unfrozen graphs have separate compile caches)."""
+    """The class's own forward, with the module as an argument: what torch.compile traces. Its unfrozen
+    graphs take the weights as inputs, so models of one architecture share them (no recompiling)."""
     return type(unet).forward(unet, *args, **kwargs)
 
 
-def _frozen_forward(unet: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
-    return type(unet).forward(unet, *args, **kwargs)
+def _fresh_forward() -> Callable[..., torch.Tensor]:
+    """``_forward`` with a code object of its own, hence its own torch.compile cache: a frozen graph
+    holds the weights it was built from, so every optimize() call needs a new one (and the graph is
+    freed with the state that holds this function)."""
+    return types.FunctionType(_forward.__code__.replace(), _forward.__globals__, "frozen_forward")
 
 
 def _weights_version(unet: nn.Module) -> tuple[tuple[int, int], ...]:
@@ -59,7 +66,8 @@ def _records_grad(unet: nn.Module, args: tuple, kwargs: dict) -> bool:
 
 def _fast_forward(unet: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
     """``unet.forward`` once optimized. With compile: the frozen graph for inference on the weights it
-    was built from, else the unfrozen one, both with the reference ops (see the module docstring)."""
+    was built from, else the unfrozen one, both with the reference ops (see the module docstring).
+    To freeze again after the weights changed, call ``optimize`` again."""
     state = unet.__dict__[_STATE]
     if not state["compile"]:
         return type(unet).forward(unet, *args, **kwargs).contiguous()
@@ -79,8 +87,8 @@ def _fast_forward(unet: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
         return compiled(unet, *args, **kwargs).contiguous()
 
 
-def optimize(unet: nn.Module, *, channels_last: bool = True, compile: bool = False, freeze: bool = True,
-             compile_backend: str = "inductor") -> nn.Module:
+def optimize(unet: UNet, *, channels_last: bool = True, compile: bool = False, freeze: bool = True,
+             compile_backend: str = "inductor") -> UNet:
     """Make ``unet`` (a minidiff UNet) faster in place, with the same outputs to float tolerance;
     returns it. See the module docstring for what each option does and costs.
 
@@ -92,7 +100,7 @@ def optimize(unet: nn.Module, *, channels_last: bool = True, compile: bool = Fal
     for name, value in (("channels_last", channels_last), ("compile", compile), ("freeze", freeze)):
         if not isinstance(value, bool):
             raise TypeError(f"optimize: {name} must be a bool, got {value!r}")
-    if not isinstance(unet, nn.Module) or not hasattr(unet, "config"):
+    if not isinstance(unet, UNet):
         raise TypeError(f"optimize expects a minidiff UNet, got {type(unet).__name__}")
     restore(unet)
     state: dict[str, Any] = {"channels_last": channels_last, "compile": compile}
@@ -101,7 +109,7 @@ def optimize(unet: nn.Module, *, channels_last: bool = True, compile: bool = Fal
     if compile:
         state["compiled"] = torch.compile(_forward, backend=compile_backend, dynamic=False)
         frozen = freeze and compile_backend == "inductor"
-        state["frozen"] = torch.compile(_frozen_forward, backend=compile_backend, dynamic=False) if frozen else None
+        state["frozen"] = torch.compile(_fresh_forward(), backend=compile_backend, dynamic=False) if frozen else None
         state["frozen_version"] = None
     unet.__dict__[_STATE] = state
     # a partial, not a bound method: a deepcopy (EMA) then calls the copy, not this module
@@ -109,7 +117,7 @@ def optimize(unet: nn.Module, *, channels_last: bool = True, compile: bool = Fal
     return unet
 
 
-def restore(unet: nn.Module) -> nn.Module:
+def restore(unet: UNet) -> UNet:
     """Undo ``optimize``: contiguous weights and the class's forward; returns ``unet``. A no-op on a
     model that is not optimized."""
     state = unet.__dict__.pop(_STATE, None)
