@@ -1,9 +1,9 @@
 """Shared helpers of the benchmark scripts: thread setup, interleaved timing, FLOP counting, a matmul
 peak, markdown tables and the JSON record of the run's environment.
 
-Import this module BEFORE torch: it sets ``OMP_WAIT_POLICY=PASSIVE`` (unless already set), because on a
-machine whose cores other processes also use, OpenMP threads that spin-wait at barriers make torch
-10-40x slower; passive waiting costs nothing measurable on an idle machine.
+Import this module BEFORE torch: it sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it,
+because on a machine whose cores other processes also use, OpenMP threads that spin-wait at barriers
+make torch 10-40x slower (measured on the 2-core dev box). The value used is recorded in the JSON.
 """
 from __future__ import annotations
 
@@ -31,13 +31,7 @@ def set_threads(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
-def synchronize(device: torch.device | str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_interleaved(fns: dict[str, Callable[[], Any]], runs: int, warmup: int = 1,
-                     device: torch.device | str = "cpu") -> dict[str, list[float]]:
+def time_interleaved(fns: dict[str, Callable[[], Any]], runs: int, warmup: int = 1) -> dict[str, list[float]]:
     """Seconds of ``runs`` calls of every function, taking turns (A, B, C, A, B, C, ...) after ``warmup``
     untimed rounds, so that load changes on a shared machine hit all cases alike."""
     if runs < 1:
@@ -45,10 +39,8 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], runs: int, warmup: int =
     times: dict[str, list[float]] = {name: [] for name in fns}
     for round_ in range(warmup + runs):
         for name, fn in fns.items():
-            synchronize(device)
             start = time.perf_counter()
             fn()
-            synchronize(device)
             if round_ >= warmup:
                 times[name].append(time.perf_counter() - start)
     return times
@@ -67,10 +59,10 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return counter.get_total_flops()
 
 
-def matmul_case(n: int = 2048, device: torch.device | str = "cpu") -> tuple[Callable[[], Any], int]:
+def matmul_case(n: int = 2048) -> tuple[Callable[[], Any], int]:
     """A float32 (n, n) @ (n, n) matmul to time next to the real work, and its FLOP count."""
     generator = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(n, n, generator=generator).to(device) for _ in range(2))
+    a, b = (torch.randn(n, n, generator=generator) for _ in range(2))
     return (lambda: a @ b), 2 * n**3
 
 
@@ -87,19 +79,17 @@ def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
-    """What the numbers depend on: versions, threads, CPU/GPU, and the machine's load at the start."""
+def environment() -> dict[str, Any]:
+    """What CPU numbers depend on: versions, threads, the CPU, and the machine's load average now."""
     env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-           "processor": platform.processor(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
-           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "device": str(device)}
+           "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "cpu": torch.backends.cpu.get_cpu_capability()}
     if hasattr(os, "getloadavg"):
         env["load_average_1min"] = round(os.getloadavg()[0], 2)
-    if torch.device(device).type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
     return env
 
 
-def save_results(path: str | os.PathLike, payload: dict[str, Any], device: torch.device | str = "cpu") -> None:
+def save_results(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     """Write ``payload`` plus the ``environment`` to ``path`` (JSON, atomically)."""
-    write_json(path, {"environment": environment(device), **payload})
+    write_json(path, {"environment": environment(), **payload})
     print(f"wrote {path}")
