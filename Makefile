@@ -19,7 +19,7 @@ test: $(STAMP)
 	$(PY) -m pytest tests -q
 
 demo: $(STAMP)
-	$(PY) examples/finetune.py
+	$(PY) examples/finetune.py --overwrite
 
 benchmarks: $(STAMP)
 	$(PY) benchmarks/ddpm_vs_ddim.py

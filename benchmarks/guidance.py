@@ -1,7 +1,7 @@
 """Cost of guidance per sampling step: no guidance, cheap colour guidance, colour guidance through the
 UNet, and CLIP guidance, on the same model, batch and DDIM schedule.
 
-    python benchmarks/guidance.py [--model shapes-32] [--batch_size 8] [--steps 6] [--rounds 3]
+    python benchmarks/guidance.py [--model shapes-32] [--batch_size 8] [--steps 4] [--rounds 2]
     python benchmarks/guidance.py --clip_checkpoint ViT-B-32.openai.bin    # a real CLIP
 
 Time: in one process, after a warm-up run of each mode, the modes alternate for --rounds sampling
@@ -33,8 +33,8 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="shapes-32", help="shipped model name or pipeline folder")
     p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--steps", type=int, default=6, help="DDIM steps of a run (the first is not timed)")
-    p.add_argument("--rounds", type=int, default=3, help="runs of every mode")
+    p.add_argument("--steps", type=int, default=4, help="DDIM steps of a run (the first is not timed)")
+    p.add_argument("--rounds", type=int, default=2, help="runs of every mode")
     p.add_argument("--n_cuts", type=int, default=4)
     p.add_argument("--clip_model", default="ViT-B-32", help="open_clip architecture of the CLIP mode")
     p.add_argument("--clip_checkpoint", default=None, help="trained open_clip weights for --clip_model")

@@ -6,9 +6,10 @@ without gradient checkpointing, side by side in one run.
 A step is what minidiff.training does: t, eps, add_noise, MSE against eps, backward, AdamW. Reported per
 case: images/s (median of the timed steps after warm-up, the cases taking turns so load changes on a
 shared machine hit all alike), the first step's loss (the same weights and batch: it must agree), and the
-memory a step needs above the resting state: on CUDA the peak allocated; on CPU the peak resident-set
-growth (/proc VmHWM, reset before the step) with glibc told to mmap every allocation over 64 KiB, so the
-resident set follows the live tensors. Writes benchmarks/results/training.json.
+memory forward + backward need above the resting state (activations saved for backward, and the
+gradients): on CUDA the peak allocated; on CPU the peak resident-set growth (/proc VmHWM, reset before
+the step) with glibc told to mmap every allocation over 64 KiB, so the resident set follows the live
+tensors. Writes benchmarks/results/training.json.
 """
 from __future__ import annotations
 
@@ -83,40 +84,47 @@ def _map_large_allocations() -> None:
         raise OSError("mallopt(M_MMAP_THRESHOLD) failed")
 
 
-def train_step(case: dict, batch: tuple[torch.Tensor, ...], scheduler: DDPMScheduler) -> float:
-    model, optimizer = case["model"], case["optimizer"]
-    loss = loss_fn(model, batch, scheduler)
+def forward_backward(case: dict, batch: tuple[torch.Tensor, ...], scheduler: DDPMScheduler) -> float:
+    loss = loss_fn(case["model"], batch, scheduler)
     loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
     return float(loss.detach())
+
+
+def optimizer_step(case: dict) -> None:
+    case["optimizer"].step()
+    case["optimizer"].zero_grad(set_to_none=True)
 
 
 def timed_step(case: dict, batch: tuple[torch.Tensor, ...], scheduler: DDPMScheduler, device: str) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    case.setdefault("losses", []).append(train_step(case, batch, scheduler))
+    case.setdefault("losses", []).append(forward_backward(case, batch, scheduler))
+    optimizer_step(case)
     if device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
 def peak_memory_mb(case: dict, batch: tuple[torch.Tensor, ...], scheduler: DDPMScheduler, device: str) -> float:
-    """Memory a step needs above the resting state (weights, gradients freed, optimizer state):
-    CUDA: peak allocated; CPU: peak resident set (VmHWM, reset through /proc/self/clear_refs)."""
+    """Memory the forward and backward need above the resting state (weights and optimizer state, no
+    gradients): activations kept for backward plus the gradients; checkpointing acts on the former. CUDA:
+    peak allocated; CPU: peak resident set (VmHWM, reset through /proc/self/clear_refs)."""
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         rest = torch.cuda.memory_allocated()
-        train_step(case, batch, scheduler)
+        forward_backward(case, batch, scheduler)
         torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - rest) / MB
-    _libc().malloc_trim(0)  # give back the free heap, which would otherwise serve new allocations unseen
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-    rest = _rss_mb("VmRSS")
-    train_step(case, batch, scheduler)
-    return _rss_mb("VmHWM") - rest
+        peak = (torch.cuda.max_memory_allocated() - rest) / MB
+    else:
+        _libc().malloc_trim(0)  # give back the free heap, which would otherwise serve new allocations unseen
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        rest = _rss_mb("VmRSS")
+        forward_backward(case, batch, scheduler)
+        peak = _rss_mb("VmHWM") - rest
+    optimizer_step(case)
+    return peak
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -143,20 +151,20 @@ def run(args: argparse.Namespace) -> list[dict]:
             for c in cases]
 
 
-def table(rows: list[dict], device: str) -> str:
-    peak = "peak alloc MB" if device == "cuda" else "peak RSS +MB"
-    lines = [f"{'library':<10}{'grad ckpt':>10}{'images/s':>10}{'step s':>9}{peak:>15}{'first loss':>12}"]
+def table(rows: list[dict]) -> str:
+    lines = [f"{'library':<10}{'grad ckpt':>10}{'images/s':>10}{'step s':>9}{'fwd+bwd MB':>15}{'first loss':>12}"]
     for r in rows:
         lines.append(f"{r['library']:<10}{str(r['gradient_checkpointing']):>10}{r['images_per_s']:>10.2f}"
                      f"{r['step_s_median']:>9.3f}{r['peak_mb']:>15.1f}{r['first_loss']:>12.6f}")
     by = {(r["library"], r["gradient_checkpointing"]): r for r in rows}
     for ckpt in (False, True):
         m, d = by["minidiff", ckpt], by["diffusers", ckpt]
-        lines.append(f"minidiff / diffusers, checkpointing {ckpt}: throughput x{m['images_per_s'] / d['images_per_s']:.2f}, "
-                     f"peak memory x{m['peak_mb'] / d['peak_mb']:.2f}")
+        lines.append(f"minidiff / diffusers, checkpointing {ckpt}: "
+                     f"throughput x{m['images_per_s'] / d['images_per_s']:.2f}, "
+                     f"fwd+bwd memory x{m['peak_mb'] / d['peak_mb']:.2f}")
     for lib in ("minidiff", "diffusers"):
         on, off = by[lib, True], by[lib, False]
-        lines.append(f"{lib}: gradient checkpointing -> peak memory x{on['peak_mb'] / off['peak_mb']:.2f}, "
+        lines.append(f"{lib}: gradient checkpointing -> fwd+bwd memory x{on['peak_mb'] / off['peak_mb']:.2f}, "
                      f"throughput x{on['images_per_s'] / off['images_per_s']:.2f}")
     return "\n".join(lines)
 
@@ -174,11 +182,14 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = run(args)
-    print(f"training step, {args.arch}, batch {args.batch_size}, {args.device}, {torch.get_num_threads()} threads")
-    print(table(rows, args.device))
+    gradients_mb = sum(p.numel() for p in UNet.from_config(ARCHITECTURES[args.arch]).parameters()) * 4 / MB
+    print(f"training step, {args.arch}, batch {args.batch_size}, {args.device}, {torch.get_num_threads()} threads; "
+          f"fwd+bwd memory includes {gradients_mb:.0f} MB of float32 gradients")
+    print(table(rows))
     write_json(args.out, {"arch": args.arch, "batch_size": args.batch_size, "device": args.device,
                           "steps": args.steps, "threads": torch.get_num_threads(), "torch": torch.__version__,
-                          "machine": platform.processor() or platform.machine(), "results": rows})
+                          "machine": platform.processor() or platform.machine(), "gradients_mb": gradients_mb,
+                          "results": rows})
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ from .optimize import optimize
 from .pretrained import list_pretrained, pretrained
 from .sampling import sample
 from .schedulers import DDIMScheduler, DDPMScheduler
+from .training import TrainConfig, Trainer, train
 
 __version__ = "0.1.0"
 __all__ = ["UNet", "UNetConfig", "DDPMScheduler", "DDIMScheduler", "sample", "load_unet", "load_scheduler",
-           "load_pipeline", "save_pipeline", "guidance", "list_pretrained", "pretrained", "optimize"]
+           "load_pipeline", "save_pipeline", "guidance", "list_pretrained", "pretrained",
+           "TrainConfig", "Trainer", "train", "optimize"]

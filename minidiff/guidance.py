@@ -111,7 +111,12 @@ def color_loss(x0: Tensor, target: Sequence[float]) -> Tensor:
 
 
 class ColorGuidance(LossGuide):
-    """Pull the images towards an RGB colour (the course's colour loss; scale 40 as in the notebook)."""
+    """Pull the images towards an RGB colour: the course's colour loss, with the notebook's scale 40.
+
+    The loss is a per-sample mean, so the strength per pixel grows as images get smaller: on the 32x32
+    shapes-32 model (cosine schedule, 40 DDIM steps) scale 40 gives nearly flat colour (distance to the
+    target 3% of the unguided), 5 tints the shapes (36%); ``schedule="alpha_bar"`` softens early steps.
+    """
 
     def __init__(self, target: str | Sequence[float], scale: float = 40.0, schedule: str = "none",
                  clip_grad_norm: float | None = None):

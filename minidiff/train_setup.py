@@ -55,30 +55,19 @@ def split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
 
 
 def enable_gradient_checkpointing(unet: nn.Module) -> None:
-    """Recompute each down, mid and up block of a minidiff UNet during backward instead of keeping its
-    activations (Chen et al. 2016): activation memory of a few block inputs, one more forward per step."""
+    """Recompute every resnet and attention layer of a minidiff UNet's blocks during backward instead of
+    keeping their activations (Chen et al. 2016): only each layer's inputs stay saved, for one more forward
+    per step. Per layer, not per block, so that a recomputation never holds a whole block's activations."""
     if not all(hasattr(unet, name) for name in ("down_blocks", "mid_block", "up_blocks")):
         raise TypeError(f"gradient checkpointing needs a minidiff UNet, got {type(unet).__name__}")
-    for block in [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else [])]:
-        block.forward = types.MethodType(_checkpointed, block)
-    for block in unet.up_blocks:
-        block.forward = types.MethodType(_checkpointed_up, block)
+    blocks = [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else []), *unet.up_blocks]
+    for block in blocks:
+        for layer in [*block.resnets, *(block.attentions or [])]:
+            layer.forward = types.MethodType(_checkpointed, layer)
 
 
-def _checkpointed(block: nn.Module, *args: Any) -> Any:
-    return checkpoint(type(block).forward, block, *args, use_reentrant=False)
-
-
-def _checkpointed_up(block: nn.Module, h: Tensor, skips: list[Tensor], temb: Tensor,
-                     context: Tensor | None = None) -> Tensor:
-    # An up block pops one skip per resnet from the shared list; it gets its own skips as arguments so
-    # that the recomputation in backward sees them again.
-    own = skips[-len(block.resnets):]
-    del skips[-len(block.resnets):]
-
-    def forward(h: Tensor, temb: Tensor, context: Tensor | None, *own: Tensor) -> Tensor:
-        return type(block).forward(block, h, list(own), temb, context)
-    return checkpoint(forward, h, temb, context, *own, use_reentrant=False)
+def _checkpointed(layer: nn.Module, *args: Any) -> Any:
+    return checkpoint(type(layer).forward, layer, *args, use_reentrant=False)
 
 
 @contextlib.contextmanager

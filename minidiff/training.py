@@ -306,9 +306,9 @@ class Trainer:
         if self.rank == 0 and not folder.exists():
             micro_batches = self.step * self.config.grad_accumulation_steps
             epoch, position = divmod(micro_batches, self.batches_per_epoch)
-            info = {"step": self.step, "epoch": epoch, "batches_into_epoch": position, "micro_batches": micro_batches,
-                    "ema_num_updates": self.ema.num_updates if self.ema else 0, "total_steps": self.total_steps,
-                    "world_size": self.world_size, "config": self.config.to_dict()}
+            info = {"step": self.step, "epoch": epoch, "batches_into_epoch": position,
+                    "micro_batches": micro_batches, "ema_num_updates": self.ema.num_updates if self.ema else 0,
+                    "total_steps": self.total_steps, "world_size": self.world_size, "config": self.config.to_dict()}
             ckpt.save_checkpoint(folder, unet=self.unet, ema_model=self.ema and self.ema.model,
                                  optimizer=self.optimizer, scaler=self.scaler, rng_states=rng_states, info=info)
             ckpt.prune_checkpoints(self.checkpoints, self.config.keep_checkpoints)
@@ -325,6 +325,8 @@ class Trainer:
         saved, current = info["config"], self.config.to_dict()
         changed = sorted(k for k in saved.keys() | current.keys()
                          if k not in _RESUMABLE_CHANGES and saved.get(k) != current.get(k))
+        if info["total_steps"] != self.total_steps and self.config.lr_schedule != "constant":
+            changed.append(f"total_steps {info['total_steps']} -> {self.total_steps} (the lr schedule)")
         if changed or len(rng_states) != self.world_size:
             warnings.warn(f"resuming {folder} with different settings ({changed}, {len(rng_states)} -> "
                           f"{self.world_size} processes): the run will not match an uninterrupted one", stacklevel=3)

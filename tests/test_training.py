@@ -22,7 +22,7 @@ import minidiff
 from minidiff import checkpoint as ckpt
 from minidiff.ema import EMA, ema_decay_at
 from minidiff.pretrained import list_pretrained, pretrained
-from minidiff.train_setup import stop_on_signals
+from minidiff.train_setup import enable_gradient_checkpointing, stop_on_signals
 from minidiff.training import TrainConfig, Trainer, lr_factor, train
 
 FAST = dict(batch_size=4, log_samples_every=0, save_model_every=0, progress=False, lr=1e-3)
@@ -132,6 +132,20 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     checkpointed = one_step(4, 2, gradient_checkpointing=True)  # recomputation gives the same gradients
     for a, b in zip(small[1], checkpointed[1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_checkpointing_keeps_fewer_activations():
+    def saved_for_backward(unet):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            unet(torch.randn(2, 3, 8, 8), torch.tensor([3, 7])).sum().backward()
+        return len(saved)
+    unet = tiny_unet()
+    plain = saved_for_backward(unet)
+    enable_gradient_checkpointing(unet)
+    assert saved_for_backward(unet) < plain / 3
+    with pytest.raises(TypeError, match="minidiff UNet"):
+        enable_gradient_checkpointing(torch.nn.Linear(2, 2))
 
 
 def test_label_dropout_uses_the_null_class(tmp_path):
