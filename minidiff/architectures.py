@@ -55,7 +55,7 @@ CONDITIONING_MODES = ("concat", "additive", "cross-attention")
 
 
 def class_conditional_config(mode: str, num_classes: int, image_size: int = 16, channels: int = 1,
-                             null_class: bool = True, widths: tuple[int, ...] = (32, 64), layers_per_block: int = 1
+                             null_class: bool = True, widths: tuple[int, ...] = (16, 32, 64), layers_per_block: int = 1
                              ) -> dict[str, Any]:
     """A small class-conditional UNet config for one of the course's three conditioning modes:
     "concat" (label embedding broadcast as extra input channels), "additive" (label embedding added to the

@@ -94,10 +94,25 @@ def test_guidance_formula_matches_two_separate_forwards(cfg_model):
     t = sched.timesteps(1)[0]
     with torch.no_grad():
         cond, uncond = unet(noise, t, class_labels=y), unet(noise, t, class_labels=null)
-    expected = sched.step(uncond + 2.5 * (cond - uncond), t, noise, num_inference_steps=1).prev_sample
+    expected = sched.step(uncond + 2.5 * (cond - uncond), t, noise, num_inference_steps=1,
+                          use_clipped_model_output=True).prev_sample
     ours = minidiff.sample(unet, sched, batch_size=2, num_inference_steps=1, class_labels=y, guidance_scale=2.5,
                            noise=noise, progress=False)
     assert torch.allclose(ours, expected, atol=1e-5)
+
+
+def test_guided_ddim_recomputes_eps_from_the_clipped_x0_by_default(cfg_model):
+    """Regression: with guidance DDIM kept the unclipped, w-amplified eps in its x_t direction term, which
+    turned samples into noise textures from w ~ 3 on; now eps is recomputed from the clipped x0."""
+    unet, sched = cfg_model
+    kwargs = dict(batch_size=2, num_inference_steps=3, class_labels=torch.tensor([2, 8]), progress=False,
+                  guidance_scale=6.0)
+    run = lambda **extra: minidiff.sample(unet, sched, generator=torch.Generator().manual_seed(0), **kwargs, **extra)
+    default, consistent, unclipped_eps = run(), run(use_clipped_model_output=True), run(use_clipped_model_output=False)
+    assert torch.equal(default, consistent)
+    assert not torch.allclose(default, unclipped_eps)
+    ddpm = minidiff.DDPMScheduler(num_train_timesteps=sched.config.num_train_timesteps)
+    minidiff.sample(unet, ddpm, **kwargs)  # DDPM has no such option: the default must not reach it
 
 
 def test_bad_labels_and_guidance_inputs(cfg_model):

@@ -264,18 +264,19 @@ def _cpu_signature() -> str:
         return platform.processor()
 
 
-def _build() -> Path:
-    """Compile the library (with OpenMP if the compiler has it) into the cache, once per source and CPU."""
+def build(code: str = _SOURCE, name: str = "ops_cpu") -> Path:
+    """Compile C++ ``code`` (with OpenMP if the compiler has it) into the cache as a shared library named
+    after ``name``, once per code and CPU; the path of the library. Also builds ops/winograd.py's kernels."""
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         raise FileNotFoundError("no C++ compiler found (set CXX)")
-    key = hashlib.sha256("\n".join([_SOURCE, compiler, *_FLAGS, _cpu_signature()]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"ops_cpu_{key}.so"
+    key = hashlib.sha256("\n".join([code, compiler, *_FLAGS, _cpu_signature()]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"{name}_{key}.so"
     if target.exists():
         return target
     source = target.with_suffix(".cpp")
     with atomic_path(source) as tmp:
-        tmp.write_text(_SOURCE)
+        tmp.write_text(code)
     errors = []
     for extra in (["-fopenmp"], []):  # without OpenMP the kernels still work, on one thread
         with atomic_path(target) as tmp:
@@ -293,7 +294,7 @@ def _load() -> ctypes.CDLL | None:
     with _lock:
         if _library is None:
             try:
-                _library = _declare(ctypes.CDLL(str(_build())))
+                _library = _declare(ctypes.CDLL(str(build())))
             except (OSError, subprocess.SubprocessError) as err:
                 warnings.warn(f"minidiff.ops: the fast CPU kernels are unavailable ({err}); "
                               "using the reference ops", RuntimeWarning, stacklevel=3)
