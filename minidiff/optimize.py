@@ -12,17 +12,25 @@ benchmarks/results/unet_vs_diffusers.json):
   GroupNorm+act and the residual adds itself. With ``freeze`` inference calls use inductor's
   "freezing": the weights become constants, prepacked for oneDNN with bias and activation fused into
   the convolutions. A compile takes minutes on a small CPU, and again for each new input shape.
-- ``winograd=True``: 3x3 stride-1 convolutions run as Winograd F(2x2, 3x3) (ops/winograd.py: 2.25x fewer
-  multiplications, C++ transforms around one batched matmul) on float32 CPU tensors where that pays: >= 64
-  input and output channels, maps of >= 8x8. Measured per convolution against oneDNN (channels_last, batch
-  8, one thread): inference (the filter transform cached until the weight changes) 1.3-2.0x at 128-512
-  channels, 1.0-1.1x at 64; forward+backward 1.4-2.2x and 1.05-1.2x. Smaller maps lose (0.8-1.1x: fixed
-  costs, and in training the filter transform and its gradient at every step), as do narrower layers (0.4x
-  for conv_in's 3 channels). Whole UNets, batch 8, one thread, x diffusers eager: forward 0.91 -> 0.74
-  (ddpm-butterflies-32), 0.92 -> 0.68 (ddpm-cifar10-32), 0.86 -> 0.84 (course-mnist-28, 32-64 channels);
-  training step 1.03 -> 0.81 (butterflies). Training saves 4x the input activation of each such
-  convolution (its transformed tiles). Outputs differ from oneDNN's by ~1e-6 relative. Not with ``compile``
-  (the kernels are opaque to it).
+- ``winograd=True``: 3x3 stride-1 convolutions with >= 16 input and output channels run as Winograd
+  F(4x4, 3x3) or F(2x2, 3x3) on float32 CPU tensors (ops/winograd.py: 4x or 2.25x fewer multiplications;
+  C++ transforms fused, chunk by chunk, with a register-blocked matrix kernel). Measured per convolution
+  against oneDNN (channels_last, batch 8, one thread): F(4x4) inference (the filter transform cached until
+  the weight changes) 2.0-2.9x at 64-512 channels on 8x8 to 32x32 maps, 1.5x at 64 channels on 7x7 and
+  14x14, 2.0x at 32 channels on 28x28, 1.25x at 16 channels; forward+backward 1.8-2.9x at 64-256 channels,
+  1.3-1.9x at 32-64 channels on 7x7 to 28x28. The tile follows the tile count T = batch * ceil(H / m) *
+  ceil(W / m) (WINOGRAD_MIN_TILES): each of the P positions multiplies T rows by all of U (P C K floats),
+  and training also computes U, its transpose and the weight gradient at every step, so F(4x4) needs
+  T >= 16 in inference and T >= 32 in training (8x8 maps at batch 8), F(2x2) T >= 32, and training also a
+  tile per MiB of U (512 channels on 8x8 at batch 8: F(2x2) 1.6x, F(4x4) 1.4x); fewer tiles keep oneDNN.
+  So 4x4 maps at batch 8 take F(2x2): 1.1-1.3x in inference (F(4x4) 1.3x alone but 0.9x inside a UNet,
+  U no longer in cache), 1.2x in training (F(4x4) 0.7x). conv_in and conv_out (3 channels) keep oneDNN
+  (0.7x by F(4x4)). Whole UNets, one thread, x diffusers eager, optimize() without -> with winograd: forward at
+  batch 8 0.89 -> 0.53 (ddpm-butterflies-32), 0.95 -> 0.51 (ddpm-cifar10-32), 0.87 -> 0.71 (course-mnist-28,
+  32-64 channels); at batch 1 0.86 -> 0.64 and 0.89 -> 0.59; training step (batch 8, AdamW) 1.00 -> 0.63,
+  1.00 -> 0.53, 1.13 -> 0.93. Two threads, butterflies forward: 0.60. The backward recomputes the transformed
+  input tiles, so training keeps what oneDNN keeps (each convolution's input). Outputs differ from oneDNN's
+  by ~1e-5 relative (F(4x4); whole UNets 4e-6 to 9e-6). Not with ``compile`` (the kernels are opaque to it).
 Measured and left out: one fused q/k/v matmul (no gain: the projections are < 4% of the forward) and
 prepacking oneDNN conv weights without the compiler (< 2%, and only through private ops).
 
@@ -49,9 +57,14 @@ from .models import UNet
 from .ops.winograd import has_fast_path, transform_weight, winograd_conv3x3
 
 _STATE = "_minidiff_optimize"  # the attribute holding what restore() must undo
-_WINOGRAD_CACHE = "_minidiff_winograd"  # a convolution's (weight version, transformed weight)
-WINOGRAD_MIN_CHANNELS = 64  # fewer input or output channels: the transforms cost more than they save
-WINOGRAD_MIN_PIXELS = 64  # smaller maps: fixed costs (and in training the filter transform) outweigh the gain
+_WINOGRAD_CACHE = "_minidiff_winograd"  # a convolution's (weight version, {tile: transformed weight})
+WINOGRAD_MIN_CHANNELS = 16  # fewer input or output channels: the transforms cost more than they save
+# The fewest tiles, batch * ceil(H / m) * ceil(W / m), for F(m x m, 3x3), by mode and m, larger tiles first
+# (measured, see the module docstring): fewer tiles cannot pay for reading U (P C K floats, P = (m + 2)^2)
+# and, in training, for computing U, its transpose and the weight gradient from dU at every step.
+WINOGRAD_MIN_TILES = {"inference": {4: 16, 2: 32}, "training": {4: 32, 2: 32}}
+# Training also wants a tile per MiB of U: those passes over U slow down once it outgrows the caches
+WINOGRAD_TRAINING_TILES_PER_MIB = 1
 
 
 def _forward(unet: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -109,21 +122,35 @@ def _is_winograd_candidate(module: nn.Module) -> bool:
             and min(module.in_channels, module.out_channels) >= WINOGRAD_MIN_CHANNELS)
 
 
+def _winograd_tile(x: torch.Tensor, out_channels: int, training: bool) -> int | None:
+    """The Winograd tile size m for ``x`` (B, C, H, W) by the rules above, or None for oneDNN."""
+    b, c, h, w = x.shape
+    for tile, fewest in WINOGRAD_MIN_TILES["training" if training else "inference"].items():
+        tiles = b * -(-h // tile) * -(-w // tile)
+        u_mib = (tile + 2) ** 2 * c * out_channels * 4 / 2 ** 20
+        if tiles >= fewest and (not training or tiles >= WINOGRAD_TRAINING_TILES_PER_MIB * u_mib):
+            return tile
+    return None
+
+
 def _winograd_forward(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``conv(x)`` by Winograd F(2x2, 3x3) on float32 CPU maps of >= ``WINOGRAD_MIN_PIXELS`` (with the
+    """``conv(x)`` by Winograd F(m x m, 3x3) on float32 CPU tensors with m picked by ``_winograd_tile`` (the
     filter transform cached for calls that record no gradient), else by the module's own forward."""
     weight = conv.weight
-    if (x.dim() != 4 or x.shape[2] * x.shape[3] < WINOGRAD_MIN_PIXELS or not has_fast_path(x, weight)
-            or torch.is_autocast_enabled(x.device.type)):
+    training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    tile = _winograd_tile(x, conv.out_channels, training) if x.dim() == 4 else None
+    if tile is None or not has_fast_path(x, weight) or torch.is_autocast_enabled(x.device.type):
         return type(conv).forward(conv, x)
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return winograd_conv3x3(x, weight, conv.bias)
+    if training:
+        return winograd_conv3x3(x, weight, conv.bias, tile=tile)
     version = (weight.data_ptr(), weight._version)
     cached = conv.__dict__.get(_WINOGRAD_CACHE)
     if cached is None or cached[0] != version:
+        cached = conv.__dict__[_WINOGRAD_CACHE] = (version, {})
+    if tile not in cached[1]:
         with torch.no_grad():
-            cached = conv.__dict__[_WINOGRAD_CACHE] = (version, transform_weight(weight))
-    return winograd_conv3x3(x, weight, conv.bias, transformed_weight=cached[1])
+            cached[1][tile] = transform_weight(weight, tile)
+    return winograd_conv3x3(x, weight, conv.bias, tile=tile, transformed_weight=cached[1][tile])
 
 
 def optimize(unet: UNet, *, channels_last: bool = True, compile: bool = False, freeze: bool = True,
@@ -133,9 +160,10 @@ def optimize(unet: UNet, *, channels_last: bool = True, compile: bool = False, f
 
     ``channels_last``: NHWC weights and activations. ``compile``: torch.compile the forward
     (``compile_backend``, e.g. "inductor", or "aot_eager" to check a model traces). ``freeze``: with
-    compile and inductor, fold the weights into the inference graph. ``winograd``: Winograd F(2x2, 3x3)
-    for the wide 3x3 convolutions (CPU, float32; not with ``compile``). Calling ``optimize`` again on an
-    optimized model first restores it, so the options of the last call apply.
+    compile and inductor, fold the weights into the inference graph. ``winograd``: Winograd F(4x4, 3x3)
+    or F(2x2, 3x3) for the 3x3 convolutions of >= 16 channels (CPU, float32; not with ``compile``).
+    Calling ``optimize`` again on an optimized model first restores it, so the options of the last call
+    apply.
     """
     for name, value in (("channels_last", channels_last), ("compile", compile), ("freeze", freeze),
                         ("winograd", winograd)):

@@ -1,5 +1,5 @@
-"""Winograd F(2x2, 3x3): equal to F.conv2d in value and gradients (C++ kernels and pure-torch reference), and
-minidiff.optimize(winograd=True) equal to the eager model, reversible."""
+"""Winograd F(2x2, 3x3) and F(4x4, 3x3): equal to F.conv2d in value and gradients (C++ kernels and pure-torch
+reference, one and two threads), and minidiff.optimize(winograd=True) equal to the eager model, reversible."""
 from __future__ import annotations
 
 import copy
@@ -16,8 +16,14 @@ from conftest import TINY, random_unet
 
 needs_kernels = pytest.mark.skipif(winograd._library() is None, reason="no C++ compiler for the Winograd kernels")
 optimize_module = sys.modules["minidiff.optimize"]  # minidiff.optimize is the function
-# (B, C, K, H, W): even and odd sizes, one-pixel maps, an odd number of tile rows in several images
-SHAPES = [(2, 5, 7, 6, 8), (3, 4, 6, 5, 7), (1, 3, 2, 1, 1), (2, 8, 3, 2, 3), (3, 6, 4, 9, 4)]
+# (B, C, K, H, W): sizes that are and are not multiples of 2 and 4, one-pixel maps, an odd number of tile rows
+# in several images, K not a multiple of the matrix kernel's 16 columns; channels that are not multiples of 8
+# take the reference even on the "kernels" path
+SHAPES = [(2, 8, 16, 6, 8), (3, 16, 8, 5, 7), (1, 8, 8, 1, 1), (2, 8, 24, 2, 3), (3, 16, 16, 9, 4),
+          (2, 64, 48, 12, 10), (2, 5, 7, 6, 8)]
+# Relative error bounds, ~4x the largest measured over these shapes and 10 seeds: 1.1e-6 for F(2x2, 3x3), 7.2e-6
+# for F(4x4, 3x3), whose transforms hold larger numbers (4, 5, 8, 1/24); both paths, outputs and gradients
+TOLERANCE = {2: 5e-6, 4: 3e-5}
 
 
 @pytest.fixture(params=["kernels", "reference"])
@@ -38,55 +44,81 @@ def _inputs(shape, channels_last=False, bias=True, dtype=torch.float32):
     return x, weight, torch.randn(k, generator=g, dtype=dtype) if bias else None
 
 
-def _close(ours: torch.Tensor, ref: torch.Tensor, tol: float = 1e-5) -> None:
+def _close(ours: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
     err = (ours - ref).abs().max().item()
     assert err <= tol * ref.abs().max().item(), f"max abs difference {err}"
 
 
+@pytest.mark.parametrize("tile", winograd.TILES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_output_and_gradients_equal_conv2d(path, shape, channels_last):
+def test_output_and_gradients_equal_conv2d(path, shape, channels_last, tile):
     x, weight, bias = (t.requires_grad_() for t in _inputs(shape, channels_last))
+    assert winograd.has_fast_path(x, weight) == (path == "kernels" and shape[1] % 8 == shape[2] % 8 == 0)
     ref = F.conv2d(x, weight, bias, padding=1)
-    out = winograd.winograd_conv3x3(x, weight, bias)
+    out = winograd.winograd_conv3x3(x, weight, bias, tile=tile)
     assert out.shape == ref.shape
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     assert out.is_contiguous(memory_format=memory_format)
-    _close(out, ref)
+    _close(out, ref, TOLERANCE[tile])
     grad = torch.randn_like(ref)
     for ours, theirs in zip(torch.autograd.grad(out, (x, weight, bias), grad),
                             torch.autograd.grad(ref, (x, weight, bias), grad)):
-        _close(ours, theirs)
+        _close(ours, theirs, TOLERANCE[tile])
 
 
-def test_without_bias_and_partial_gradients(path):
-    x, weight, _ = _inputs((2, 4, 5, 7, 6), bias=False)
+@needs_kernels
+@pytest.mark.parametrize("tile", winograd.TILES)
+def test_two_threads(tile):
+    """Threads split the chunks: the forward's outputs, the backward's overlapping input patches (even chunks,
+    then odd ones) and its per-thread weight gradients."""
+    x, weight, bias = (t.requires_grad_() for t in _inputs((3, 16, 24, 13, 9)))
+    ref = F.conv2d(x, weight, bias, padding=1)
+    grad = torch.randn_like(ref)
+    torch.set_num_threads(2)
+    try:
+        out = winograd.winograd_conv3x3(x, weight, bias, tile=tile)
+        grads = torch.autograd.grad(out, (x, weight, bias), grad)
+    finally:
+        torch.set_num_threads(1)
+    _close(out, ref, TOLERANCE[tile])
+    for ours, theirs in zip(grads, torch.autograd.grad(ref, (x, weight, bias), grad)):
+        _close(ours, theirs, TOLERANCE[tile])
+
+
+@pytest.mark.parametrize("tile", winograd.TILES)
+def test_without_bias_and_partial_gradients(path, tile):
+    x, weight, _ = _inputs((2, 8, 16, 7, 6), bias=False)
     weight.requires_grad_()
-    out = winograd.winograd_conv3x3(x, weight)
-    _close(out, F.conv2d(x, weight, padding=1))
+    out = winograd.winograd_conv3x3(x, weight, tile=tile)
+    _close(out, F.conv2d(x, weight, padding=1), TOLERANCE[tile])
     grad = torch.randn_like(out)
     (ours,) = torch.autograd.grad(out, weight, grad)
     (ref,) = torch.autograd.grad(F.conv2d(x, weight, padding=1), weight, grad)
-    _close(ours, ref)
+    _close(ours, ref, TOLERANCE[tile])
 
 
-def test_transformed_weight_cache_and_its_gradient(path):
-    x, weight, bias = _inputs((2, 4, 5, 6, 6))
-    u = winograd.transform_weight(weight)
-    assert u.shape == (16, 5, 4)
+@pytest.mark.parametrize("tile", winograd.TILES)
+def test_transformed_weight_cache_and_its_gradient(path, tile):
+    x, weight, bias = _inputs((2, 8, 16, 6, 6))
+    u = winograd.transform_weight(weight, tile)
+    assert u.shape == ((tile + 2) ** 2, 8, 16)
+    ref = F.conv2d(x, weight, bias, padding=1)
     with torch.no_grad():
-        _close(winograd.winograd_conv3x3(x, weight, bias, transformed_weight=u), F.conv2d(x, weight, bias, padding=1))
+        _close(winograd.winograd_conv3x3(x, weight, bias, tile=tile, transformed_weight=u), ref, TOLERANCE[tile])
     weight.requires_grad_()  # the cache is a value: the weight still receives its gradient
-    out = winograd.winograd_conv3x3(x, weight, bias, transformed_weight=u)
+    _close(winograd.transform_weight(weight, tile), u, 1e-6)  # autograd's transform, as the kernel's
+    out = winograd.winograd_conv3x3(x, weight, bias, tile=tile, transformed_weight=u)
     (ours,) = torch.autograd.grad(out.sum(), weight)
     (ref,) = torch.autograd.grad(F.conv2d(x, weight, bias, padding=1).sum(), weight)
-    _close(ours, ref)
+    _close(ours, ref, TOLERANCE[tile])
 
 
-def test_float64_takes_the_reference_exactly():
+@pytest.mark.parametrize("tile", winograd.TILES)
+def test_float64_takes_the_reference_exactly(tile):
     x, weight, bias = _inputs((2, 3, 4, 5, 6), dtype=torch.float64)
     assert not winograd.has_fast_path(x, weight)
-    _close(winograd.winograd_conv3x3(x, weight, bias), F.conv2d(x, weight, bias, padding=1), tol=1e-12)
+    _close(winograd.winograd_conv3x3(x, weight, bias, tile=tile), F.conv2d(x, weight, bias, padding=1), tol=1e-12)
 
 
 @pytest.mark.parametrize("args, match", [((torch.zeros(1, 2, 4, 4), torch.zeros(3, 2, 5, 5)), "3, 3"),
@@ -98,26 +130,47 @@ def test_bad_shapes_raise(args, match):
         winograd.winograd_conv3x3(*args)
 
 
+def test_bad_tile_raises():
+    with pytest.raises(ValueError, match="tile"):
+        winograd.winograd_conv3x3(torch.zeros(1, 2, 4, 4), torch.zeros(3, 2, 3, 3), tile=3)
+    with pytest.raises(ValueError, match="tile"):
+        winograd.transform_weight(torch.zeros(3, 2, 3, 3), 6)
+
+
 def test_missing_compiler_warns_and_uses_reference(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("MINIDIFF_CACHE", str(tmp_path))
     winograd._library.cache_clear()
     try:
-        x, weight, bias = _inputs((1, 2, 3, 4, 4))
+        x, weight, bias = _inputs((1, 8, 8, 4, 4))
         with pytest.warns(RuntimeWarning, match="Winograd|winograd"):
             out = winograd.winograd_conv3x3(x, weight, bias)
-        _close(out, F.conv2d(x, weight, bias, padding=1))
+        _close(out, F.conv2d(x, weight, bias, padding=1), TOLERANCE[4])
     finally:
         winograd._library.cache_clear()  # later tests load the real library again
 
 
+@pytest.mark.parametrize("shape, training, tile", [((8, 64, 32, 32), False, 4), ((1, 64, 13, 16), False, 4),
+                                                   ((8, 64, 4, 4), False, 2), ((2, 64, 4, 4), False, None),
+                                                   ((8, 512, 8, 8), False, 4), ((8, 64, 8, 8), True, 4),
+                                                   ((8, 64, 4, 4), True, 2), ((4, 64, 4, 4), True, None),
+                                                   ((8, 512, 8, 8), True, 2), ((16, 512, 8, 8), True, 4)])
+def test_tile_rule(shape, training, tile):
+    """Tile counts by mode; in training also a tile per MiB of U (36 MiB for F(4x4, 3x3) at 512 channels)."""
+    assert optimize_module._winograd_tile(torch.empty(shape), shape[1], training) == tile
+
+
 @pytest.fixture
 def pair(seeded, monkeypatch):
-    """(eager TINY unet, winograd-optimized copy), with every 3x3 convolution a candidate (TINY is narrow)."""
+    """(eager TINY unet, winograd-optimized copy), with every 3x3 convolution a candidate (TINY is narrow) and
+    tile counts such that the 8x8 maps (batch 2) take F(4x4, 3x3) in inference and F(2x2, 3x3) in training, the
+    4x4 maps oneDNN. ``calls``: (input shape, tile) of every Winograd call."""
     monkeypatch.setattr(optimize_module, "WINOGRAD_MIN_CHANNELS", 1)
+    monkeypatch.setattr(optimize_module, "WINOGRAD_MIN_TILES", {"inference": {4: 8, 2: 32},
+                                                                "training": {4: 32, 2: 32}})
     calls = []
     monkeypatch.setattr(optimize_module, "winograd_conv3x3",
-                        lambda *a, **k: calls.append(a[0].shape) or winograd.winograd_conv3x3(*a, **k))
+                        lambda *a, **k: calls.append((a[0].shape, k["tile"])) or winograd.winograd_conv3x3(*a, **k))
     unet = random_unet(TINY)
     fast = minidiff.optimize(copy.deepcopy(unet), winograd=True)
     return unet, fast, calls
@@ -136,13 +189,13 @@ def test_optimized_inference_and_training_equal_eager(pair):
     candidates = [m for m in fast.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)
                   and m.stride == (1, 1)]  # not the stride-2 downsampler
     assert all("forward" in vars(m) for m in candidates)
-    assert 0 < len(calls) < len(candidates) and all(s[2:] == (8, 8) for s in calls)  # 4x4 maps keep oneDNN
+    assert 0 < len(calls) < len(candidates) and all(s[2:] == (8, 8) and m == 4 for s, m in calls)
     calls.clear()
     grads = []
     for model in (unet.train(), fast.train()):
         model(x, t).square().mean().backward()
         grads.append({name: p.grad for name, p in model.named_parameters()})
-    assert calls and all(s[2:] == (8, 8) for s in calls)
+    assert calls and all(s[2:] == (8, 8) and m == 2 for s, m in calls)
     floor = 1e-3 * max(g.abs().max().item() for g in grads[0].values())
     for name, g in grads[0].items():
         err = (grads[1][name] - g).abs().max().item()
