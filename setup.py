@@ -11,7 +11,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["minidiff", "minidiff.*"]),
-    package_data={"minidiff.pretrained": ["*/*.json", "*/*/*.json", "*/*/*.safetensors"]},
+    package_data={"minidiff.pretrained": ["*/*.json", "*/*/*.json", "*/*/*.safetensors"], "minidiff.ops": ["*.cpp"]},
     install_requires=[
         "torch>=2.1",
         "torchvision",

@@ -12,25 +12,20 @@ benchmarks/results/unet_vs_diffusers.json):
   GroupNorm+act and the residual adds itself. With ``freeze`` inference calls use inductor's
   "freezing": the weights become constants, prepacked for oneDNN with bias and activation fused into
   the convolutions. A compile takes minutes on a small CPU, and again for each new input shape.
-- ``winograd=True``: 3x3 stride-1 convolutions with >= 16 input and output channels run as Winograd
+- ``winograd=True``: 3x3 stride-1 convolutions with >= 16 input and output channels may run as Winograd
   F(4x4, 3x3) or F(2x2, 3x3) on float32 CPU tensors (ops/winograd.py: 4x or 2.25x fewer multiplications;
-  C++ transforms fused, chunk by chunk, with a register-blocked matrix kernel). Measured per convolution
-  against oneDNN (channels_last, batch 8, one thread): F(4x4) inference (the filter transform cached until
-  the weight changes) 2.0-2.9x at 64-512 channels on 8x8 to 32x32 maps, 1.5x at 64 channels on 7x7 and
-  14x14, 2.0x at 32 channels on 28x28, 1.25x at 16 channels; forward+backward 1.8-2.9x at 64-256 channels,
-  1.3-1.9x at 32-64 channels on 7x7 to 28x28. The tile follows the tile count T = batch * ceil(H / m) *
-  ceil(W / m) (WINOGRAD_MIN_TILES): each of the P positions multiplies T rows by all of U (P C K floats),
-  and training also computes U, its transpose and the weight gradient at every step, so F(4x4) needs
-  T >= 16 in inference and T >= 32 in training (8x8 maps at batch 8), F(2x2) T >= 32, and training also a
-  tile per MiB of U (512 channels on 8x8 at batch 8: F(2x2) 1.6x, F(4x4) 1.4x); fewer tiles keep oneDNN.
-  So 4x4 maps at batch 8 take F(2x2): 1.1-1.3x in inference (F(4x4) 1.3x alone but 0.9x inside a UNet,
-  U no longer in cache), 1.2x in training (F(4x4) 0.7x). conv_in and conv_out (3 channels) keep oneDNN
-  (0.7x by F(4x4)). Whole UNets, one thread, x diffusers eager, optimize() without -> with winograd: forward at
-  batch 8 0.89 -> 0.53 (ddpm-butterflies-32), 0.95 -> 0.51 (ddpm-cifar10-32), 0.87 -> 0.71 (course-mnist-28,
-  32-64 channels); at batch 1 0.86 -> 0.64 and 0.89 -> 0.59; training step (batch 8, AdamW) 1.00 -> 0.63,
-  1.00 -> 0.53, 1.13 -> 0.93. Two threads, butterflies forward: 0.60. The backward recomputes the transformed
-  input tiles, so training keeps what oneDNN keeps (each convolution's input). Outputs differ from oneDNN's
-  by ~1e-5 relative (F(4x4); whole UNets 4e-6 to 9e-6). Not with ``compile`` (the kernels are opaque to it).
+  C++ transforms fused, chunk by chunk, with a register-blocked matrix kernel). Which kernel pays depends on
+  the shapes, the thread count and the caches (per convolution, batch 8, F(4x4) against oneDNN: 1.5-2.9x
+  at 64-512 channels on 8x8 to 32x32 maps, but 0.6-0.9x with 512 channels on 4x4 maps, where reading U
+  (36 C K floats) for a few tiles costs more than it saves; on two threads smaller chunks win), so it is
+  measured, not guessed: at the first call for each input shape, layout, mode (inference, or training with
+  its backward) and thread count, oneDNN and each of WINOGRAD_KERNELS run AUTOTUNE_RUNS times on random
+  inputs of that shape and the fastest is kept for every convolution of those shapes (like cuDNN's
+  benchmark mode; it costs that first call about a second per distinct shape). Inference caches each
+  convolution's filter transform until its weight changes; the backward recomputes the transformed input
+  tiles, so training keeps what oneDNN keeps (each convolution's input). Outputs differ from oneDNN's by
+  ~1e-5 relative (F(4x4); whole UNets 4e-6 to 1e-5). Not with ``compile`` (the kernels are opaque to it).
+  Whole UNets: see the README's table.
 Measured and left out: one fused q/k/v matmul (no gain: the projections are < 4% of the forward) and
 prepacking oneDNN conv weights without the compiler (< 2%, and only through private ops).
 
@@ -46,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 import types
 from typing import Any, Callable
 
@@ -59,12 +55,10 @@ from .ops.winograd import has_fast_path, transform_weight, winograd_conv3x3
 _STATE = "_minidiff_optimize"  # the attribute holding what restore() must undo
 _WINOGRAD_CACHE = "_minidiff_winograd"  # a convolution's (weight version, {tile: transformed weight})
 WINOGRAD_MIN_CHANNELS = 16  # fewer input or output channels: the transforms cost more than they save
-# The fewest tiles, batch * ceil(H / m) * ceil(W / m), for F(m x m, 3x3), by mode and m, larger tiles first
-# (measured, see the module docstring): fewer tiles cannot pay for reading U (P C K floats, P = (m + 2)^2)
-# and, in training, for computing U, its transpose and the weight gradient from dU at every step.
-WINOGRAD_MIN_TILES = {"inference": {4: 16, 2: 32}, "training": {4: 32, 2: 32}}
-# Training also wants a tile per MiB of U: those passes over U slow down once it outgrows the caches
-WINOGRAD_TRAINING_TILES_PER_MIB = 1
+# The Winograd kernels timed against oneDNN for each convolution shape: (tile m, tiles per chunk)
+WINOGRAD_KERNELS = ((4, 32), (4, 128), (2, 32), (2, 128))
+AUTOTUNE_RUNS = 3  # timed calls per kernel (after a warm-up); the fastest counts
+_KERNEL_CHOICES: dict[tuple, tuple[int, int] | None] = {}  # see _kernel
 
 
 def _forward(unet: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -122,27 +116,72 @@ def _is_winograd_candidate(module: nn.Module) -> bool:
             and min(module.in_channels, module.out_channels) >= WINOGRAD_MIN_CHANNELS)
 
 
-def _winograd_tile(x: torch.Tensor, out_channels: int, training: bool) -> int | None:
-    """The Winograd tile size m for ``x`` (B, C, H, W) by the rules above, or None for oneDNN."""
-    b, c, h, w = x.shape
-    for tile, fewest in WINOGRAD_MIN_TILES["training" if training else "inference"].items():
-        tiles = b * -(-h // tile) * -(-w // tile)
-        u_mib = (tile + 2) ** 2 * c * out_channels * 4 / 2 ** 20
-        if tiles >= fewest and (not training or tiles >= WINOGRAD_TRAINING_TILES_PER_MIB * u_mib):
-            return tile
-    return None
+def _seconds(fn: Callable[[], Any], runs: int = AUTOTUNE_RUNS) -> float:
+    """The fastest of ``runs`` timed calls of ``fn`` after one warm-up call (the minimum: other processes
+    only ever add time)."""
+    fn()
+    best = float("inf")
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _autotune(x: torch.Tensor, conv: nn.Conv2d, training: bool) -> tuple[int, int] | None:
+    """The fastest of oneDNN (None) and the WINOGRAD_KERNELS (tile, chunk tiles) for ``conv`` on inputs shaped
+    and laid out like ``x``: inference with the filter transform cached, or training (forward and backward)."""
+    g = torch.Generator().manual_seed(0)
+    xs = torch.randn(x.shape, generator=g).to(memory_format=_memory_format(x)).requires_grad_(training)
+    weight = conv.weight.detach().clone().requires_grad_(training)
+    bias = None if conv.bias is None else conv.bias.detach().clone().requires_grad_(training)
+    inputs = [t for t in (xs, weight, bias) if t is not None]
+    dy = torch.randn(x.shape[0], conv.out_channels, *x.shape[2:], generator=g) if training else None
+    filters = {tile: transform_weight(weight.detach(), tile) for tile in {t for t, _ in WINOGRAD_KERNELS}}
+
+    def run(kernel: tuple[int, int] | None) -> None:
+        if kernel is None:
+            y = conv._conv_forward(xs, weight, bias)
+        else:
+            tile, chunk = kernel
+            y = winograd_conv3x3(xs, weight, bias, tile=tile, chunk_tiles=chunk,
+                                 transformed_weight=None if training else filters[tile])
+        if training:
+            torch.autograd.grad(y, inputs, dy)
+
+    with torch.enable_grad() if training else torch.no_grad():
+        times = {kernel: _seconds(functools.partial(run, kernel)) for kernel in (None, *WINOGRAD_KERNELS)}
+    return min(times, key=times.get)
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _kernel(x: torch.Tensor, conv: nn.Conv2d, training: bool) -> tuple[int, int] | None:
+    """The kernel for ``conv(x)``: autotuned at the first call for each input shape, layout, mode and thread
+    count, then remembered for every convolution of the same shapes."""
+    key = (tuple(x.shape), _memory_format(x), conv.out_channels, conv.bias is not None, training,
+           torch.get_num_threads())
+    if key not in _KERNEL_CHOICES:
+        _KERNEL_CHOICES[key] = _autotune(x, conv, training)
+    return _KERNEL_CHOICES[key]
 
 
 def _winograd_forward(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``conv(x)`` by Winograd F(m x m, 3x3) on float32 CPU tensors with m picked by ``_winograd_tile`` (the
-    filter transform cached for calls that record no gradient), else by the module's own forward."""
+    """``conv(x)`` by the fastest kernel for its shapes (``_kernel``): Winograd on float32 CPU tensors (the
+    filter transform cached for calls that record no gradient), or the module's own forward (oneDNN)."""
     weight = conv.weight
-    training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    tile = _winograd_tile(x, conv.out_channels, training) if x.dim() == 4 else None
-    if tile is None or not has_fast_path(x, weight) or torch.is_autocast_enabled(x.device.type):
+    if x.dim() != 4 or not has_fast_path(x, weight) or torch.is_autocast_enabled(x.device.type):
         return type(conv).forward(conv, x)
+    training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    kernel = _kernel(x, conv, training)
+    if kernel is None:
+        return type(conv).forward(conv, x)
+    tile, chunk = kernel
     if training:
-        return winograd_conv3x3(x, weight, conv.bias, tile=tile)
+        return winograd_conv3x3(x, weight, conv.bias, tile=tile, chunk_tiles=chunk)
     version = (weight.data_ptr(), weight._version)
     cached = conv.__dict__.get(_WINOGRAD_CACHE)
     if cached is None or cached[0] != version:
@@ -150,7 +189,7 @@ def _winograd_forward(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     if tile not in cached[1]:
         with torch.no_grad():
             cached[1][tile] = transform_weight(weight, tile)
-    return winograd_conv3x3(x, weight, conv.bias, tile=tile, transformed_weight=cached[1][tile])
+    return winograd_conv3x3(x, weight, conv.bias, tile=tile, chunk_tiles=chunk, transformed_weight=cached[1][tile])
 
 
 def optimize(unet: UNet, *, channels_last: bool = True, compile: bool = False, freeze: bool = True,
@@ -161,7 +200,8 @@ def optimize(unet: UNet, *, channels_last: bool = True, compile: bool = False, f
     ``channels_last``: NHWC weights and activations. ``compile``: torch.compile the forward
     (``compile_backend``, e.g. "inductor", or "aot_eager" to check a model traces). ``freeze``: with
     compile and inductor, fold the weights into the inference graph. ``winograd``: Winograd F(4x4, 3x3)
-    or F(2x2, 3x3) for the 3x3 convolutions of >= 16 channels (CPU, float32; not with ``compile``).
+    or F(2x2, 3x3) for the 3x3 convolutions of >= 16 channels where it is faster than oneDNN, timed at the
+    first call of each shape (CPU, float32; not with ``compile``).
     Calling ``optimize`` again on an optimized model first restores it, so the options of the last call
     apply.
     """

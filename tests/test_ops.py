@@ -321,6 +321,22 @@ def test_missing_compiler_warns_once_and_uses_reference(monkeypatch, tmp_path):
     assert torch.equal(out[1], reference.group_norm_act(x, w, b, 4))
 
 
+def test_failed_build_leaves_nothing_in_the_cache(monkeypatch, tmp_path):
+    """A compiler that fails must not leave an (empty) library behind, which later loads would find
+    (a bug: the atomic write renamed the empty output into the cache whenever the compile failed)."""
+    failing = tmp_path / "failing-c++"
+    failing.write_text("#!/bin/sh\necho 'error: no' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    monkeypatch.setenv("MINIDIFF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", str(failing))
+    with pytest.raises(OSError, match="error: no"):
+        cpu.build("int f() { return 1; }", "probe")
+    assert not list((tmp_path / "cache").glob("**/*.so"))
+    monkeypatch.delenv("CXX")
+    if cpu.shutil.which("c++") or cpu.shutil.which("g++"):
+        assert cpu.build("extern \"C\" int f() { return 1; }", "probe").stat().st_size > 0
+
+
 _INTERPRETED = """
 import json, torch
 from minidiff import ops

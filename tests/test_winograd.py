@@ -69,7 +69,8 @@ def test_output_and_gradients_equal_conv2d(path, shape, channels_last, tile):
 
 @needs_kernels
 @pytest.mark.parametrize("tile", winograd.TILES)
-def test_two_threads(tile):
+@pytest.mark.parametrize("chunk_tiles", [1, 32, winograd.CHUNK_TILES])
+def test_two_threads(tile, chunk_tiles):
     """Threads split the chunks: the forward's outputs, the backward's overlapping input patches (even chunks,
     then odd ones) and its per-thread weight gradients."""
     x, weight, bias = (t.requires_grad_() for t in _inputs((3, 16, 24, 13, 9)))
@@ -77,7 +78,7 @@ def test_two_threads(tile):
     grad = torch.randn_like(ref)
     torch.set_num_threads(2)
     try:
-        out = winograd.winograd_conv3x3(x, weight, bias, tile=tile)
+        out = winograd.winograd_conv3x3(x, weight, bias, tile=tile, chunk_tiles=chunk_tiles)
         grads = torch.autograd.grad(out, (x, weight, bias), grad)
     finally:
         torch.set_num_threads(1)
@@ -130,6 +131,13 @@ def test_bad_shapes_raise(args, match):
         winograd.winograd_conv3x3(*args)
 
 
+@pytest.mark.parametrize("chunk_tiles", [0, 2.5])
+def test_bad_chunk_raises(chunk_tiles):
+    x, weight, _ = _inputs((1, 8, 8, 4, 4))
+    with pytest.raises(ValueError, match="chunk_tiles"):
+        winograd.winograd_conv3x3(x, weight, chunk_tiles=chunk_tiles)
+
+
 def test_bad_tile_raises():
     with pytest.raises(ValueError, match="tile"):
         winograd.winograd_conv3x3(torch.zeros(1, 2, 4, 4), torch.zeros(3, 2, 3, 3), tile=3)
@@ -150,24 +158,46 @@ def test_missing_compiler_warns_and_uses_reference(monkeypatch, tmp_path):
         winograd._library.cache_clear()  # later tests load the real library again
 
 
-@pytest.mark.parametrize("shape, training, tile", [((8, 64, 32, 32), False, 4), ((1, 64, 13, 16), False, 4),
-                                                   ((8, 64, 4, 4), False, 2), ((2, 64, 4, 4), False, None),
-                                                   ((8, 512, 8, 8), False, 4), ((8, 64, 8, 8), True, 4),
-                                                   ((8, 64, 4, 4), True, 2), ((4, 64, 4, 4), True, None),
-                                                   ((8, 512, 8, 8), True, 2), ((16, 512, 8, 8), True, 4)])
-def test_tile_rule(shape, training, tile):
-    """Tile counts by mode; in training also a tile per MiB of U (36 MiB for F(4x4, 3x3) at 512 channels)."""
-    assert optimize_module._winograd_tile(torch.empty(shape), shape[1], training) == tile
+@needs_kernels
+@pytest.mark.parametrize("training", [False, True])
+def test_autotune_times_every_kernel_and_picks_the_fastest(monkeypatch, training):
+    conv = torch.nn.Conv2d(16, 24, 3, padding=1)
+    x = torch.randn(2, 16, 8, 8).to(memory_format=torch.channels_last)
+    kernels = [None, *optimize_module.WINOGRAD_KERNELS]
+    fake = dict(zip(kernels, [5.0, 4.0, 1.0, 3.0, 2.0]))  # (4, 128) the fastest
+    ran = []
+
+    def seconds(fn):
+        fn()  # the real call: every kernel must run on these shapes
+        ran.append(fn.args[0])
+        return fake[fn.args[0]]
+
+    monkeypatch.setattr(optimize_module, "_seconds", seconds)
+    assert optimize_module._autotune(x, conv, training) == (4, 128)
+    assert ran == kernels
+    assert conv.weight.grad is None  # the timing ran on copies
+
+
+def test_kernel_choice_is_remembered_per_shape(monkeypatch):
+    monkeypatch.setattr(optimize_module, "_KERNEL_CHOICES", {})
+    tuned = []
+    monkeypatch.setattr(optimize_module, "_autotune", lambda x, conv, training: tuned.append(x.shape) or (2, 32))
+    conv = torch.nn.Conv2d(16, 16, 3, padding=1)
+    for shape in [(2, 16, 8, 8), (2, 16, 8, 8), (2, 16, 4, 4)]:
+        assert optimize_module._kernel(torch.empty(shape), conv, False) == (2, 32)
+    optimize_module._kernel(torch.empty(2, 16, 8, 8), conv, True)  # training: a new choice
+    assert len(tuned) == 3
 
 
 @pytest.fixture
 def pair(seeded, monkeypatch):
     """(eager TINY unet, winograd-optimized copy), with every 3x3 convolution a candidate (TINY is narrow) and
-    tile counts such that the 8x8 maps (batch 2) take F(4x4, 3x3) in inference and F(2x2, 3x3) in training, the
-    4x4 maps oneDNN. ``calls``: (input shape, tile) of every Winograd call."""
+    a stand-in autotuner: the 8x8 maps (batch 2) take F(4x4, 3x3) in inference and F(2x2, 3x3) in training,
+    the 4x4 maps oneDNN. ``calls``: (input shape, tile) of every Winograd call."""
     monkeypatch.setattr(optimize_module, "WINOGRAD_MIN_CHANNELS", 1)
-    monkeypatch.setattr(optimize_module, "WINOGRAD_MIN_TILES", {"inference": {4: 8, 2: 32},
-                                                                "training": {4: 32, 2: 32}})
+    monkeypatch.setattr(optimize_module, "_KERNEL_CHOICES", {})
+    monkeypatch.setattr(optimize_module, "_autotune",
+                        lambda x, conv, training: None if x.shape[-1] != 8 else (2, 32) if training else (4, 128))
     calls = []
     monkeypatch.setattr(optimize_module, "winograd_conv3x3",
                         lambda *a, **k: calls.append((a[0].shape, k["tile"])) or winograd.winograd_conv3x3(*a, **k))

@@ -279,12 +279,15 @@ def build(code: str = _SOURCE, name: str = "ops_cpu") -> Path:
         tmp.write_text(code)
     errors = []
     for extra in (["-fopenmp"], []):  # without OpenMP the kernels still work, on one thread
-        with atomic_path(target) as tmp:
-            result = subprocess.run([compiler, *_FLAGS, *extra, str(source), "-o", str(tmp)],
-                                    capture_output=True, text=True)
-            if result.returncode == 0:
-                return target
-        errors.append(result.stderr.strip()[-500:])
+        try:
+            with atomic_path(target) as tmp:  # a failed compile must not leave a library in the cache
+                result = subprocess.run([compiler, *_FLAGS, *extra, str(source), "-o", str(tmp)],
+                                        capture_output=True, text=True)
+                if result.returncode != 0:
+                    raise subprocess.CalledProcessError(result.returncode, compiler, stderr=result.stderr)
+            return target
+        except subprocess.CalledProcessError as err:
+            errors.append(err.stderr.strip()[-500:])
     raise OSError(f"{compiler} failed: {errors[-1]}")
 
 
