@@ -57,6 +57,11 @@ def test_composes_with_classifier_free_guidance():
     torch.manual_seed(0)
     unet = minidiff.UNet.from_config(dict(TINY, num_class_embeds=3)).eval()   # row 2: the null class
     cfg = {"class_labels": torch.tensor([0, 1, 0, 1]), "guidance_scale": 3.0}
+    # eps as the model gives it: this untrained model's x0 estimates saturate, and recomputing eps from the
+    # clipped x0 (the default under classifier-free guidance) swallows most of any shift of x_t here (loss
+    # ratio 0.90). Not so on a trained model: the digits model of examples/class_conditioned.py at w = 2 with
+    # a brightness LossGuide reached the target mean with either setting.
+    cfg["use_clipped_model_output"] = False
     scheduler = minidiff.DDIMScheduler()
     plain = _sample(unet, scheduler, **cfg)
     assert torch.equal(_sample(unet, scheduler, [ColorGuidance(TARGET, scale=0)], **cfg), plain)

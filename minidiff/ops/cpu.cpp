@@ -1,0 +1,231 @@
+// The fast CPU kernels of ops/cpu.py (its docstring explains them), compiled at first use.
+#include <cmath>
+#include <cstdint>
+#include <algorithm>
+#include <cstring>
+#include <vector>
+typedef uint16_t bf16;
+
+static inline float load(float v) { return v; }
+static inline float load(bf16 v) { uint32_t b = (uint32_t)v << 16; float f; std::memcpy(&f, &b, 4); return f; }
+static inline void store(float* p, float v) { *p = v; }
+static inline void store(bf16* p, float v) {  // round to nearest even; NaN stays NaN
+    uint32_t b; std::memcpy(&b, &v, 4);
+    *p = (b & 0x7fffffffu) > 0x7f800000u ? (bf16)0x7fc0 : (bf16)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+}
+
+// The activation pass works on vectors of 8 floats (GCC vector extensions: AVX2 registers with -march=native):
+// written out, because with `omp simd` on scalar code GCC vectorised the SiLU loop poorly (2.5x slower).
+typedef float v8 __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef uint16_t v8h __attribute__((vector_size(16)));
+static inline v8 load8(const float* p) { v8 v; std::memcpy(&v, p, sizeof v); return v; }
+static inline v8 load8(const bf16* p) { v8h h; std::memcpy(&h, p, sizeof h); return (v8)(__builtin_convertvector(h, v8u) << 16); }
+static inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof v); }
+static inline void store8(bf16* p, v8 v) {  // as store(bf16*, float), lane by lane
+    const v8u b = (v8u)v, nan = (v8u)((b & 0x7fffffffu) > 0x7f800000u);
+    const v8u r = (((b + 0x7fffu + ((b >> 16) & 1u)) >> 16) & ~nan) | (nan & 0x7fc0u);
+    const v8h h = __builtin_convertvector(r, v8h);
+    std::memcpy(p, &h, sizeof h);
+}
+
+// 1 + exp(v) with exp(v) = 2^n 2^f, n = round(v log2 e) (by the 1.5 * 2^23 trick), |f| <= 1/2, and a
+// degree-5 minimax polynomial for 2^f (rel. error 1.4e-7): libm's expf does not vectorise.
+static inline v8 one_plus_exp(v8 v) {
+    v8 t = v * 1.44269504088896341f;
+    t = t < -126.0f ? v8{} - 126.0f : t;
+    t = t > 126.0f ? v8{} + 126.0f : t;
+    const v8 shifted = t + 12582912.0f;  // round to nearest: n sits in the low mantissa bits
+    const v8 n = shifted - 12582912.0f, f = t - n, f2 = f * f;
+    const v8 p = (1.0000001192f + 6.9314694404e-1f * f) + f2 * ((2.4022121727e-1f + 5.5507425219e-2f * f)
+                 + f2 * (9.6754599363e-3f + 1.3266970636e-3f * f));
+    const v8i scale = ((v8i)shifted - 0x4B400000 + 127) << 23;  // 2^n as float bits
+    return p * (v8)scale + 1.0f;
+}
+
+template <int ACT> static inline v8 activate(v8 v) {
+    if (ACT == 1) return v / one_plus_exp(-v);  // SiLU
+    if (ACT == 2) return v > 0.0f ? v : v8{};   // ReLU
+    return v;
+}
+
+// y[i] = act(x[i] k + off) for one row, with per-element ks[i], offs[i] (channels_last rows) or else one
+// (k, off); the last n % 8 values one at a time in lane 0, with the same arithmetic.
+template <typename T, int ACT>
+static void apply(const T* __restrict__ x, T* __restrict__ y, int64_t n, const float* __restrict__ ks,
+                  const float* __restrict__ offs, float k = 0.0f, float off = 0.0f) {
+    int64_t i = 0;
+    if (ks)
+        for (; i + 8 <= n; i += 8) store8(y + i, activate<ACT>(load8(x + i) * load8(ks + i) + load8(offs + i)));
+    else
+        for (; i + 8 <= n; i += 8) store8(y + i, activate<ACT>(load8(x + i) * k + off));
+    for (; i < n; ++i) {
+        v8 v{};
+        v[0] = load(x[i]) * (ks ? ks[i] : k) + (ks ? offs[i] : off);
+        store(y + i, activate<ACT>(v)[0]);
+    }
+}
+
+// Sums of d = x[i] - x0 and d^2 over a contiguous row: 16 float lanes (one accumulator would make the
+// loop latency-bound), folded into double every 1024 values.
+template <typename T>
+static void row_sums(const T* x, int64_t n, float x0, double* s, double* s2) {
+    for (int64_t start = 0; start < n; start += 1024) {
+        const int64_t end = start + 1024 < n ? start + 1024 : n;
+        float a[16] = {0}, b[16] = {0};
+        int64_t i = start;
+        for (; i + 16 <= end; i += 16) {
+            #pragma omp simd
+            for (int j = 0; j < 16; ++j) { const float d = load(x[i + j]) - x0; a[j] += d; b[j] += d * d; }
+        }
+        for (; i < end; ++i) { const float d = load(x[i]) - x0; a[0] += d; b[0] += d * d; }
+        for (int j = 0; j < 16; ++j) { *s += a[j]; *s2 += b[j]; }
+    }
+}
+
+// Per-channel (mean, sum of squared deviations) of the group of channels c0..c0+cpg (merged as in
+// Chan et al. 1979) -> per-channel k, off with y = (x + add - mean) rstd w (1 + scale) + b (1 + scale) + shift
+// = x k + off. add, scale, shift point at the sample's C values.
+static void group_coefficients(const double* mean, const double* m2, int64_t cpg, int64_t hw, int64_t c0,
+                               const float* w, const float* b, const float* add, const float* scale,
+                               const float* shift, float eps, float* k, float* off) {
+    double gmean = 0.0, gm2 = 0.0;
+    for (int64_t c = 0; c < cpg; ++c) gmean += mean[c] / cpg;
+    for (int64_t c = 0; c < cpg; ++c) gm2 += m2[c] + hw * (mean[c] - gmean) * (mean[c] - gmean);
+    const float rstd = 1.0f / std::sqrt((float)std::max(gm2 / (cpg * hw), 0.0) + eps);
+    for (int64_t c = 0; c < cpg; ++c) {
+        const int64_t ch = c0 + c;
+        const float s1 = scale ? 1.0f + scale[ch] : 1.0f;
+        k[c] = rstd * (w ? w[ch] : 1.0f) * s1;
+        off[c] = (b ? b[ch] : 0.0f) * s1 + (shift ? shift[ch] : 0.0f)
+                 + ((add ? add[ch] : 0.0f) - (float)gmean) * k[c];
+    }
+}
+
+// Per-channel mean (with add) and sum of squared deviations from the sums of x - x0 (x0: the channel's first
+// value; the shift keeps the float sums small, so the variance does not cancel).
+static inline void finish_moments(float x0, float add, double s, double s2, int64_t hw, double* mean, double* m2) {
+    *mean = x0 + add + s / hw;
+    *m2 = s2 - s * s / hw;
+}
+
+// Moments of the C channels of a contiguous sample (C rows of hw values).
+template <typename T>
+static void moments_nchw(const T* x, int64_t C, int64_t hw, const float* add, double* mean, double* m2) {
+    for (int64_t c = 0; c < C; ++c) {
+        double s = 0.0, s2 = 0.0;
+        const float x0 = load(x[c * hw]);
+        row_sums(x + c * hw, hw, x0, &s, &s2);
+        finish_moments(x0, add ? add[c] : 0.0f, s, s2, hw, &mean[c], &m2[c]);
+    }
+}
+
+// Moments of the C channels of a channels_last sample (hw rows of C values), vectorised over channels.
+template <typename T>
+static void moments_nhwc(const T* x, int64_t C, int64_t hw, const float* add, double* mean, double* m2) {
+    std::vector<float> x0(C), a(C), b(C);
+    std::vector<double> s(C), s2(C);
+    for (int64_t c = 0; c < C; ++c) x0[c] = load(x[c]);
+    for (int64_t start = 0; start < hw; start += 1024) {
+        std::fill(a.begin(), a.end(), 0.0f);
+        std::fill(b.begin(), b.end(), 0.0f);
+        for (int64_t p = start; p < hw && p < start + 1024; ++p) {
+            #pragma omp simd
+            for (int64_t c = 0; c < C; ++c) { const float d = load(x[p * C + c]) - x0[c]; a[c] += d; b[c] += d * d; }
+        }
+        for (int64_t c = 0; c < C; ++c) { s[c] += a[c]; s2[c] += b[c]; }
+    }
+    for (int64_t c = 0; c < C; ++c) finish_moments(x0[c], add ? add[c] : 0.0f, s[c], s2[c], hw, &mean[c], &m2[c]);
+}
+
+// Contiguous: one task per (sample, group), whose cpg*hw values stay in cache from statistics to output.
+template <typename T, int ACT>
+static void group_norm_nchw(const T* x, T* y, const float* w, const float* b, const float* add, const float* sc,
+                            const float* sh, int64_t B, int64_t C, int64_t hw, int64_t G, float eps) {
+    const int64_t cpg = C / G;
+    #pragma omp parallel
+    {
+        std::vector<double> mean(cpg), m2(cpg);  // per thread, not per task: tasks can be small
+        std::vector<float> k(cpg), off(cpg);
+        #pragma omp for schedule(static)
+        for (int64_t task = 0; task < B * G; ++task) {
+            const int64_t n = task / G, c0 = (task % G) * cpg, first = n * C + c0;
+            moments_nchw(x + first * hw, cpg, hw, add ? add + first : nullptr, mean.data(), m2.data());
+            group_coefficients(mean.data(), m2.data(), cpg, hw, c0, w, b, add ? add + n * C : nullptr,
+                               sc ? sc + n * C : nullptr, sh ? sh + n * C : nullptr, eps, k.data(), off.data());
+            for (int64_t c = 0; c < cpg; ++c)
+                apply<T, ACT>(x + (first + c) * hw, y + (first + c) * hw, hw, nullptr, nullptr, k[c], off[c]);
+        }
+    }
+}
+
+// channels_last: strided per-channel statistics per sample, then rows of C channels (vectorised output).
+template <typename T, int ACT>
+static void group_norm_nhwc(const T* x, T* y, const float* w, const float* b, const float* add, const float* sc,
+                            const float* sh, int64_t B, int64_t C, int64_t hw, int64_t G, float eps) {
+    const int64_t cpg = C / G;
+    std::vector<float> k(B * C), off(B * C);
+    #pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < B; ++n) {
+        std::vector<double> mean(C), m2(C);
+        moments_nhwc(x + n * C * hw, C, hw, add ? add + n * C : nullptr, mean.data(), m2.data());
+        for (int64_t c0 = 0; c0 < C; c0 += cpg)
+            group_coefficients(&mean[c0], &m2[c0], cpg, hw, c0, w, b, add ? add + n * C : nullptr,
+                               sc ? sc + n * C : nullptr, sh ? sh + n * C : nullptr, eps, &k[n * C + c0],
+                               &off[n * C + c0]);
+    }
+    #pragma omp parallel for schedule(static)
+    for (int64_t row = 0; row < B * hw; ++row)
+        apply<T, ACT>(x + row * C, y + row * C, C, &k[row / hw * C], &off[row / hw * C]);
+}
+
+// x0 = clamp(cx x + cm m, -clip, clip); prev = p0 x0 + px x + pm m + sigma noise (one pass, see ops/__init__).
+template <typename T, bool NOISE>
+static void scheduler_update(const T* x, const T* m, const T* noise, T* prev, T* x0, int64_t n, float cx,
+                             float cm, float clip, float p0, float px, float pm, float sigma) {
+    #pragma omp parallel for simd schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+        const float xi = load(x[i]), mi = load(m[i]);
+        float e = cx * xi + cm * mi;
+        e = e < -clip ? -clip : (e > clip ? clip : e);
+        store(x0 + i, e);
+        store(prev + i, p0 * e + px * xi + pm * mi + (NOISE ? sigma * load(noise[i]) : 0.0f));
+    }
+}
+
+template <typename T>
+static void scheduler_update(const void* x, const void* m, const void* noise, void* prev, void* x0, int64_t n,
+                             float cx, float cm, float clip, float p0, float px, float pm, float sigma) {
+    if (noise) scheduler_update<T, true>((const T*)x, (const T*)m, (const T*)noise, (T*)prev, (T*)x0, n, cx, cm,
+                                         clip, p0, px, pm, sigma);
+    else scheduler_update<T, false>((const T*)x, (const T*)m, nullptr, (T*)prev, (T*)x0, n, cx, cm, clip, p0, px,
+                                    pm, sigma);
+}
+
+#define GN_ARGS const float* w, const float* b, const float* add, const float* sc, const float* sh, \
+    int64_t B, int64_t C, int64_t hw, int64_t G, float eps
+#define GN_PASS w, b, add, sc, sh, B, C, hw, G, eps
+template <typename T, int ACT>
+static void group_norm_layout(const void* x, void* y, int nhwc, GN_ARGS) {
+    if (nhwc) group_norm_nhwc<T, ACT>((const T*)x, (T*)y, GN_PASS);
+    else group_norm_nchw<T, ACT>((const T*)x, (T*)y, GN_PASS);
+}
+
+template <typename T>
+static void group_norm_act(const void* x, void* y, int act, int nhwc, GN_ARGS) {
+    if (act == 1) group_norm_layout<T, 1>(x, y, nhwc, GN_PASS);
+    else if (act == 2) group_norm_layout<T, 2>(x, y, nhwc, GN_PASS);
+    else group_norm_layout<T, 0>(x, y, nhwc, GN_PASS);
+}
+
+extern "C" void md_group_norm_act(int bf, int act, int nhwc, const void* x, void* y, GN_ARGS) {
+    if (bf) group_norm_act<bf16>(x, y, act, nhwc, GN_PASS); else group_norm_act<float>(x, y, act, nhwc, GN_PASS);
+}
+
+extern "C" void md_scheduler_update(int bf, const void* x, const void* m, const void* noise, void* prev, void* x0,
+                                    int64_t n, float cx, float cm, float clip, float p0, float px, float pm,
+                                    float sigma) {
+    if (bf) scheduler_update<bf16>(x, m, noise, prev, x0, n, cx, cm, clip, p0, px, pm, sigma);
+    else scheduler_update<float>(x, m, noise, prev, x0, n, cx, cm, clip, p0, px, pm, sigma);
+}
