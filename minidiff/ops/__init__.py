@@ -7,8 +7,9 @@ starting one, e.g. ``MINIDIFF_OPS=reference``):
   "triton"     the Triton kernels (CUDA tensors, or any tensor under TRITON_INTERPRET=1)
   "cpu"        the C++ kernels (CPU tensors)
   "compile"    torch.compile of the reference math
-Autograd: the kernels are forward-only; whenever autograd records (grad enabled and an input requires grad)
-``group_norm_act`` and the updates run the differentiable reference. A kernel also defers to the reference
+Autograd: whenever autograd records (grad enabled and an input requires grad) the updates run the
+differentiable reference, and so does ``group_norm_act``, except float32 on the CPU path ("auto" or "cpu"),
+which has a C++ backward (cpu.GroupNormAct). A kernel also defers to the reference
 for what it does not implement (gelu/mish, float16 on CPU, a compiler missing). ``attention`` is
 F.scaled_dot_product_attention on every backend but "reference" (it has its own backward).
 """
@@ -116,6 +117,9 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
                                                                         (shift, "shift")))
     path = _path(x, weight, bias, add, scale, shift)
     args = (x, weight, bias, num_groups, eps, scale, shift, add, act)
+    if (path == "reference" and _backend in ("auto", "cpu") and x.device.type == "cpu"
+            and cpu.supports_group_norm_backward(x, act, weight, bias, add, scale, shift)):
+        return cpu.GroupNormAct.apply(x, weight, bias, add, scale, shift, num_groups, eps, act)
     if path == "triton" and act in cpu.KERNEL_ACTIVATIONS and x.numel() > 0:
         return _triton().group_norm_act(*args)
     if path == "cpu" and cpu.supports_group_norm(x, act):

@@ -87,13 +87,21 @@ static void row_sums(const T* x, int64_t n, float x0, double* s, double* s2) {
 // Per-channel (mean, sum of squared deviations) of the group of channels c0..c0+cpg (merged as in
 // Chan et al. 1979) -> per-channel k, off with y = (x + add - mean) rstd w (1 + scale) + b (1 + scale) + shift
 // = x k + off. add, scale, shift point at the sample's C values.
+static void group_stats(const double* mean, const double* m2, int64_t cpg, int64_t hw, float eps, double* gmean,
+                        float* rstd) {
+    double gm = 0.0, gm2 = 0.0;
+    for (int64_t c = 0; c < cpg; ++c) gm += mean[c] / cpg;
+    for (int64_t c = 0; c < cpg; ++c) gm2 += m2[c] + hw * (mean[c] - gm) * (mean[c] - gm);
+    *gmean = gm;
+    *rstd = 1.0f / std::sqrt((float)std::max(gm2 / (cpg * hw), 0.0) + eps);
+}
+
 static void group_coefficients(const double* mean, const double* m2, int64_t cpg, int64_t hw, int64_t c0,
                                const float* w, const float* b, const float* add, const float* scale,
                                const float* shift, float eps, float* k, float* off) {
-    double gmean = 0.0, gm2 = 0.0;
-    for (int64_t c = 0; c < cpg; ++c) gmean += mean[c] / cpg;
-    for (int64_t c = 0; c < cpg; ++c) gm2 += m2[c] + hw * (mean[c] - gmean) * (mean[c] - gmean);
-    const float rstd = 1.0f / std::sqrt((float)std::max(gm2 / (cpg * hw), 0.0) + eps);
+    double gmean;
+    float rstd;
+    group_stats(mean, m2, cpg, hw, eps, &gmean, &rstd);
     for (int64_t c = 0; c < cpg; ++c) {
         const int64_t ch = c0 + c;
         const float s1 = scale ? 1.0f + scale[ch] : 1.0f;
@@ -178,6 +186,165 @@ static void group_norm_nhwc(const T* x, T* y, const float* w, const float* b, co
     #pragma omp parallel for schedule(static)
     for (int64_t row = 0; row < B * hw; ++row)
         apply<T, ACT>(x + row * C, y + row * C, C, &k[row / hw * C], &off[row / hw * C]);
+}
+
+template <int ACT> static inline v8 activate_grad(v8 v) {  // d act(v) / dv
+    if (ACT == 1) { const v8 s = 1.0f / one_plus_exp(-v); return s * (1.0f + v * (1.0f - s)); }
+    if (ACT == 2) return v > 0.0f ? v8{} + 1.0f : v8{};
+    return v8{} + 1.0f;
+}
+
+// (g, z, u) of 8 values: z = x k0 + k1, u = z k2 + k3, g = dy act'(u k4 + k5)
+template <int ACT>
+static inline void grad8(v8 xv, v8 dv, const v8* k, v8& g, v8& z, v8& u) {
+    z = xv * k[0] + k[1];
+    u = z * k[2] + k[3];
+    g = dv * activate_grad<ACT>(u * k[4] + k[5]);
+}
+
+// The backward of y = act(pre), pre = u (1 + scale) + shift, u = z w + b, z = (x + add - mean) rstd, for one
+// float32 sample (C channels of hw values, channels_last or not), statistics recomputed from x. With g = dy
+// act'(pre) and per channel G1 = sum g, G2 = sum g u, G3 = sum g z, Z1 = sum z (pass 1):
+//   dshift = G1, dscale = G2, dw = (1 + scale) G3, db = (1 + scale) G1 (per sample; summed over the batch by
+//   the caller), and with dz = g (1 + scale) w and group means mdz = mean(dz), mdzz = mean(dz z):
+//   dx = rstd (dz - mdz - z mdzz) = g A + z Bc + Cc (pass 2), dadd = sum dx = A G1 + Bc Z1 + Cc hw.
+struct GnGrad {
+    const float *w, *b, *add, *sc, *sh;
+    float *dw, *db, *dadd, *dsc, *dsh;  // (B, C) each; dadd, dsc, dsh may be null
+    int64_t C, hw, G;
+    float eps;
+};
+
+enum { ZR, ZO, WC, BC, S1, SH, GA, GB, GC, NCOEF };  // per-channel coefficients of the backward
+
+// The coefficients of channel c (NCHW: broadcast to the 8 lanes) or of channels c..c+lanes-1 (NHWC; lanes past
+// them zero, which zeroes their terms); the values x, dy at i (lanes of them).
+template <bool nhwc>
+static inline void load_run(const std::vector<float>* coef, int64_t c, int lanes, const float* x,
+                            const float* dy, int64_t i, v8* k, v8& xv, v8& dv) {
+    for (int j = 0; j < NCOEF; ++j) {
+        if (!nhwc) k[j] = v8{} + coef[j][c];
+        else if (lanes == 8) k[j] = load8(&coef[j][c]);
+        else { k[j] = v8{}; for (int l = 0; l < lanes; ++l) k[j][l] = coef[j][c + l]; }
+    }
+    if (lanes == 8) { xv = load8(x + i); dv = load8(dy + i); return; }
+    xv = v8{}; dv = v8{};
+    for (int l = 0; l < lanes; ++l) { xv[l] = x[i + l]; dv[l] = dy[i + l]; }
+}
+
+// Calls body(c, i, lanes) for the sample's runs of up to 8 values along its contiguous axis: of one channel c
+// (NCHW) or of channels c..c+lanes-1 of one pixel (NHWC); after_pixel(p) after each NHWC pixel.
+template <bool nhwc, typename Body, typename After>
+static inline void runs(int64_t C, int64_t hw, Body body, After after_pixel) {
+    if (nhwc) {
+        for (int64_t p = 0; p < hw; ++p) {
+            for (int64_t c = 0; c < C; c += 8) body(c, p * C + c, (int)std::min<int64_t>(8, C - c));
+            after_pixel(p);
+        }
+    } else {
+        for (int64_t c = 0; c < C; ++c)
+            for (int64_t i = 0; i < hw; i += 8) body(c, c * hw + i, (int)std::min<int64_t>(8, hw - i));
+    }
+}
+
+template <int ACT, bool nhwc>
+static void group_norm_backward_sample(const GnGrad& a, int64_t n, const float* x, const float* dy, float* dx) {
+    const int64_t C = a.C, hw = a.hw, cpg = C / a.G;
+    std::vector<double> mean(C), m2(C), sums(4 * C, 0.0);  // sums: G1, G2, G3, Z1 per channel
+    std::vector<float> coef[NCOEF];
+    for (auto& v : coef) v.assign(C, 0.0f);
+    if (nhwc) moments_nhwc(x, C, hw, a.add ? a.add + n * C : nullptr, mean.data(), m2.data());
+    else moments_nchw(x, C, hw, a.add ? a.add + n * C : nullptr, mean.data(), m2.data());
+    for (int64_t c0 = 0; c0 < C; c0 += cpg) {
+        double gmean;
+        float rstd;
+        group_stats(&mean[c0], &m2[c0], cpg, hw, a.eps, &gmean, &rstd);
+        for (int64_t c = c0; c < c0 + cpg; ++c) {
+            coef[ZR][c] = rstd;
+            coef[ZO][c] = ((a.add ? a.add[n * C + c] : 0.0f) - (float)gmean) * rstd;
+            coef[WC][c] = a.w ? a.w[c] : 1.0f;
+            coef[BC][c] = a.b ? a.b[c] : 0.0f;
+            coef[S1][c] = a.sc ? 1.0f + a.sc[n * C + c] : 1.0f;
+            coef[SH][c] = a.sh ? a.sh[n * C + c] : 0.0f;
+        }
+    }
+    // pass 1: float lanes (NCHW: of the channel's row; NHWC: per channel, folded every 256 pixels) into double
+    const v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    std::vector<float> part(4 * C, 0.0f);
+    v8 t[4] = {};
+    runs<nhwc>(C, hw, [&](int64_t c, int64_t i, int lanes) {
+        v8 k[NCOEF], xv, dv, g, z, u;
+        load_run<nhwc>(coef, c, lanes, x, dy, i, k, xv, dv);
+        grad8<ACT>(xv, dv, k, g, z, u);
+        if (lanes < 8) {  // lanes past the run: out of the sums (NCHW: junk; NHWC: z = 0 already)
+            const v8i keep = lane < lanes;
+            g = (v8)((v8i)g & keep); z = (v8)((v8i)z & keep);
+        }
+        const v8 terms[4] = {g, g * u, g * z, z};
+        if (!nhwc) {
+            for (int j = 0; j < 4; ++j) t[j] += terms[j];
+            if (i + lanes == (c + 1) * hw)  // the channel's last run
+                for (int j = 0; j < 4; ++j) { for (int l = 0; l < 8; ++l) sums[j * C + c] += t[j][l]; t[j] = v8{}; }
+            return;
+        }
+        for (int j = 0; j < 4; ++j) {
+            if (lanes == 8) store8(&part[j * C + c], load8(&part[j * C + c]) + terms[j]);
+            else for (int l = 0; l < lanes; ++l) part[j * C + c + l] += terms[j][l];
+        }
+    }, [&](int64_t p) {
+        if (p % 256 == 255 || p == hw - 1) {
+            for (int64_t j = 0; j < 4 * C; ++j) sums[j] += part[j];
+            std::fill(part.begin(), part.end(), 0.0f);
+        }
+    });
+    for (int64_t c0 = 0; c0 < C; c0 += cpg) {
+        double mdz = 0.0, mdzz = 0.0;
+        for (int64_t c = c0; c < c0 + cpg; ++c) {
+            mdz += coef[S1][c] * coef[WC][c] * sums[c];
+            mdzz += coef[S1][c] * coef[WC][c] * sums[2 * C + c];
+        }
+        mdz /= cpg * hw;
+        mdzz /= cpg * hw;
+        for (int64_t c = c0; c < c0 + cpg; ++c) {
+            coef[GA][c] = coef[ZR][c] * coef[S1][c] * coef[WC][c];
+            coef[GB][c] = (float)(-coef[ZR][c] * mdzz);
+            coef[GC][c] = (float)(-coef[ZR][c] * mdz);
+        }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+        const int64_t o = n * C + c;
+        a.dw[o] = (float)(coef[S1][c] * sums[2 * C + c]);
+        a.db[o] = (float)(coef[S1][c] * sums[c]);
+        if (a.dsh) a.dsh[o] = (float)sums[c];
+        if (a.dsc) a.dsc[o] = (float)sums[C + c];
+        if (a.dadd) a.dadd[o] = (float)(coef[GA][c] * sums[c] + coef[GB][c] * sums[3 * C + c] + coef[GC][c] * hw);
+    }
+    runs<nhwc>(C, hw, [&](int64_t c, int64_t i, int lanes) {  // pass 2: dx = g A + z Bc + Cc
+        v8 k[NCOEF], xv, dv, g, z, u;
+        load_run<nhwc>(coef, c, lanes, x, dy, i, k, xv, dv);
+        grad8<ACT>(xv, dv, k, g, z, u);
+        const v8 d = g * k[GA] + z * k[GB] + k[GC];
+        if (lanes == 8) store8(dx + i, d);
+        else for (int l = 0; l < lanes; ++l) dx[i + l] = d[l];
+    }, [](int64_t) {});
+}
+
+extern "C" void md_group_norm_act_backward(int act, int nhwc, const float* x, const float* dy, float* dx,
+                                           const float* w, const float* b, const float* add, const float* sc,
+                                           const float* sh, float* dw, float* db, float* dadd, float* dsc,
+                                           float* dsh, int64_t B, int64_t C, int64_t hw, int64_t G, float eps) {
+    const GnGrad a{w, b, add, sc, sh, dw, db, dadd, dsc, dsh, C, hw, G, eps};
+    #pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < B; ++n) {
+        const float* xn = x + n * C * hw;
+        const float* dyn = dy + n * C * hw;
+        float* dxn = dx + n * C * hw;
+        static decltype(&group_norm_backward_sample<0, false>) const kernels[3][2] = {
+            {group_norm_backward_sample<0, false>, group_norm_backward_sample<0, true>},
+            {group_norm_backward_sample<1, false>, group_norm_backward_sample<1, true>},
+            {group_norm_backward_sample<2, false>, group_norm_backward_sample<2, true>}};
+        kernels[act][nhwc != 0](a, n, xn, dyn, dxn);
+    }
 }
 
 // x0 = clamp(cx x + cm m, -clip, clip); prev = p0 x0 + px x + pm m + sigma noise (one pass, see ops/__init__).

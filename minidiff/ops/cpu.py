@@ -97,7 +97,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     ptr, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     lib.md_group_norm_act.argtypes = [i32, i32, i32, ptr, ptr] + [ptr] * 5 + [i64] * 4 + [f32]
     lib.md_scheduler_update.argtypes = [i32] + [ptr] * 5 + [i64] + [f32] * 7
-    lib.md_group_norm_act.restype = lib.md_scheduler_update.restype = None
+    lib.md_group_norm_act_backward.argtypes = [i32, i32] + [ptr] * 13 + [i64] * 4 + [f32]
+    lib.md_group_norm_act.restype = lib.md_scheduler_update.restype = lib.md_group_norm_act_backward.restype = None
     return lib
 
 
@@ -114,7 +115,7 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
                    eps: float, scale: torch.Tensor | None, shift: torch.Tensor | None, add: torch.Tensor | None,
                    act: str) -> torch.Tensor:
     """The fused kernel on validated arguments; ``add``/``scale``/``shift`` already (B, C)."""
-    nhwc = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    nhwc = _is_nhwc(x)
     x = x if nhwc else x.contiguous()
     y = torch.empty_like(x)
     # float32 contiguous copies (none for float32 parameters), held here while the kernel reads them
@@ -122,6 +123,47 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
     _load().md_group_norm_act(int(x.dtype == torch.bfloat16), KERNEL_ACTIVATIONS[act], int(nhwc), _ptr(x), _ptr(y),
                               *map(_ptr, params), x.shape[0], x.shape[1], math.prod(x.shape[2:]), num_groups, eps)
     return y
+
+
+def _is_nhwc(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def supports_group_norm_backward(x: torch.Tensor, act: str, *others: torch.Tensor | None) -> bool:
+    """The differentiable kernel: float32 CPU tensors throughout."""
+    return (supports_group_norm(x, act) and x.dtype == torch.float32
+            and all(t is None or t.dtype == torch.float32 for t in others))
+
+
+class GroupNormAct(torch.autograd.Function):
+    """group_norm_act with the C++ backward (cpu.cpp: md_group_norm_act_backward, which recomputes the
+    statistics from x): float32 only, for training. Inputs as for group_norm_act."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, add, scale, shift, num_groups: int, eps: float, act: str):
+        ctx.save_for_backward(x, weight, bias, add, scale, shift)
+        ctx.num_groups, ctx.eps, ctx.act = num_groups, eps, act
+        return group_norm_act(x, weight, bias, num_groups, eps, scale, shift, add, act)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, weight, bias, add, scale, shift = ctx.saved_tensors
+        nhwc = _is_nhwc(x)
+        x = x if nhwc else x.contiguous()
+        dy = dy.contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+        (batch, channels), needs = x.shape[:2], ctx.needs_input_grad
+        dx = torch.empty_like(x)
+        dw, db = x.new_empty(batch, channels), x.new_empty(batch, channels)  # per sample, summed below
+        grads = {name: x.new_empty(batch, channels) if t is not None and needs[i] else None
+                 for i, (name, t) in enumerate((("add", add), ("scale", scale), ("shift", shift)), start=3)}
+        params = [None if t is None else t.detach().contiguous() for t in (weight, bias, add, scale, shift)]
+        _load().md_group_norm_act_backward(
+            KERNEL_ACTIVATIONS[ctx.act], int(nhwc), _ptr(x), _ptr(dy), _ptr(dx), *map(_ptr, params), _ptr(dw),
+            _ptr(db), *(_ptr(g) for g in grads.values()), batch, channels, math.prod(x.shape[2:]),
+            ctx.num_groups, ctx.eps)
+        return (dx if needs[0] else None, dw.sum(0) if weight is not None and needs[1] else None,
+                db.sum(0) if bias is not None and needs[2] else None, *grads.values(), None, None, None)
 
 
 def supports_update(x: torch.Tensor) -> bool:
