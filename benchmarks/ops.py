@@ -9,6 +9,8 @@ is present.
 """
 from __future__ import annotations
 
+import common  # noqa: F401, I001  (first: it configures OpenMP before torch loads)
+
 import argparse
 import platform
 import statistics
@@ -42,7 +44,22 @@ def _group_norm_cases(device: str) -> list[tuple[str, str, Callable[[], object]]
     for label, xv in (("channels_last", x.to(memory_format=torch.channels_last)), ("bf16", x.bfloat16())):
         cases.append((f"group_norm_act silu {label}", str(tuple(x.shape)),
                       lambda xv=xv, w=w, b=b: ops.group_norm_act(xv, w, b, 32, 1e-5)))
+    if device == "cpu":  # training: forward and backward (the C++ backward vs autograd through the reference)
+        for label, xv in (("", x), (" channels_last", x.to(memory_format=torch.channels_last))):
+            cases.append((f"group_norm_act silu+add fwd+bwd{label}", str(tuple(x.shape)), _training_case(xv, w, b)))
     return cases
+
+
+def _training_case(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> Callable[[], object]:
+    """group_norm_act(x + t) with gradients for x, weight, bias and t (the ResnetBlock2D timestep add)."""
+    leaves = [t.clone().requires_grad_() for t in (x, w, b, torch.randn(x.shape[0], x.shape[1]))]
+    dy = torch.randn_like(x)
+
+    def run() -> None:
+        with torch.enable_grad():
+            out = ops.group_norm_act(leaves[0], leaves[1], leaves[2], 32, 1e-5, add=leaves[3])
+            torch.autograd.grad(out, leaves, dy)
+    return run
 
 
 def _other_cases(device: str) -> list[tuple[str, str, Callable[[], object]]]:
@@ -84,7 +101,7 @@ def run(device: str, backends: list[str], runs: int) -> list[dict]:
         for name in backends:
             rows.append(dict(device=device, op=op, shape=shape, backend=name, reference_ms=medians["reference"],
                              fused_ms=medians[name], ratio=medians["reference"] / medians[name]))
-            print(f"{device:5} {op:34} {shape:18} {name:8} {medians['reference']:9.3f} {medians[name]:9.3f} "
+            print(f"{device:5} {op:46} {shape:18} {name:8} {medians['reference']:9.3f} {medians[name]:9.3f} "
                   f"{rows[-1]['ratio']:6.2f}x", flush=True)
     return rows
 
@@ -100,8 +117,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
-    print(f"{'dev':5} {'op':34} {'shape':18} {'backend':8} {'ref ms':>9} {'fused ms':>9} {'ratio':>7}")
-    with torch.inference_mode():
+    print(f"{'dev':5} {'op':46} {'shape':18} {'backend':8} {'ref ms':>9} {'fused ms':>9} {'ratio':>7}")
+    with torch.no_grad():  # not inference_mode: the training cases re-enable autograd
         rows = run("cpu", args.backends, args.runs)
         if torch.cuda.is_available():
             rows += run("cuda", args.backends, args.runs)
