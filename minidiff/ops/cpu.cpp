@@ -248,24 +248,26 @@ static inline void runs(int64_t C, int64_t hw, Body body, After after_pixel) {
 }
 
 template <int ACT, bool nhwc>
-static void group_norm_backward_sample(const GnGrad& a, int64_t n, const float* x, const float* dy, float* dx) {
-    const int64_t C = a.C, hw = a.hw, cpg = C / a.G;
+static void group_norm_backward_part(const GnGrad& a, int64_t n, int64_t first, int64_t C, const float* x,
+                                     const float* dy, float* dx) {
+    // channels first .. first + C - 1 of sample n, whole groups: one (NCHW, x at its first value) or all (NHWC)
+    const int64_t hw = a.hw, cpg = a.C / a.G, P = n * a.C + first;  // P: the part's first (sample, channel)
     std::vector<double> mean(C), m2(C), sums(4 * C, 0.0);  // sums: G1, G2, G3, Z1 per channel
     std::vector<float> coef[NCOEF];
     for (auto& v : coef) v.assign(C, 0.0f);
-    if (nhwc) moments_nhwc(x, C, hw, a.add ? a.add + n * C : nullptr, mean.data(), m2.data());
-    else moments_nchw(x, C, hw, a.add ? a.add + n * C : nullptr, mean.data(), m2.data());
+    if (nhwc) moments_nhwc(x, C, hw, a.add ? a.add + P : nullptr, mean.data(), m2.data());
+    else moments_nchw(x, C, hw, a.add ? a.add + P : nullptr, mean.data(), m2.data());
     for (int64_t c0 = 0; c0 < C; c0 += cpg) {
         double gmean;
         float rstd;
         group_stats(&mean[c0], &m2[c0], cpg, hw, a.eps, &gmean, &rstd);
         for (int64_t c = c0; c < c0 + cpg; ++c) {
             coef[ZR][c] = rstd;
-            coef[ZO][c] = ((a.add ? a.add[n * C + c] : 0.0f) - (float)gmean) * rstd;
-            coef[WC][c] = a.w ? a.w[c] : 1.0f;
-            coef[BC][c] = a.b ? a.b[c] : 0.0f;
-            coef[S1][c] = a.sc ? 1.0f + a.sc[n * C + c] : 1.0f;
-            coef[SH][c] = a.sh ? a.sh[n * C + c] : 0.0f;
+            coef[ZO][c] = ((a.add ? a.add[P + c] : 0.0f) - (float)gmean) * rstd;
+            coef[WC][c] = a.w ? a.w[first + c] : 1.0f;
+            coef[BC][c] = a.b ? a.b[first + c] : 0.0f;
+            coef[S1][c] = a.sc ? 1.0f + a.sc[P + c] : 1.0f;
+            coef[SH][c] = a.sh ? a.sh[P + c] : 0.0f;
         }
     }
     // pass 1: float lanes (NCHW: of the channel's row; NHWC: per channel, folded every 256 pixels) into double
@@ -312,7 +314,7 @@ static void group_norm_backward_sample(const GnGrad& a, int64_t n, const float* 
         }
     }
     for (int64_t c = 0; c < C; ++c) {
-        const int64_t o = n * C + c;
+        const int64_t o = P + c;
         a.dw[o] = (float)(coef[S1][c] * sums[2 * C + c]);
         a.db[o] = (float)(coef[S1][c] * sums[c]);
         if (a.dsh) a.dsh[o] = (float)sums[c];
@@ -333,17 +335,18 @@ extern "C" void md_group_norm_act_backward(int act, int nhwc, const float* x, co
                                            const float* w, const float* b, const float* add, const float* sc,
                                            const float* sh, float* dw, float* db, float* dadd, float* dsc,
                                            float* dsh, int64_t B, int64_t C, int64_t hw, int64_t G, float eps) {
+    // NCHW: one task per (sample, group), whose values stay in cache through the three passes (like the
+    // forward); channels_last: one per sample (a group's channels interleave with the others')
     const GnGrad a{w, b, add, sc, sh, dw, db, dadd, dsc, dsh, C, hw, G, eps};
+    static decltype(&group_norm_backward_part<0, false>) const kernels[3][2] = {
+        {group_norm_backward_part<0, false>, group_norm_backward_part<0, true>},
+        {group_norm_backward_part<1, false>, group_norm_backward_part<1, true>},
+        {group_norm_backward_part<2, false>, group_norm_backward_part<2, true>}};
+    const int64_t parts = nhwc ? 1 : G, width = C / parts;
     #pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < B; ++n) {
-        const float* xn = x + n * C * hw;
-        const float* dyn = dy + n * C * hw;
-        float* dxn = dx + n * C * hw;
-        static decltype(&group_norm_backward_sample<0, false>) const kernels[3][2] = {
-            {group_norm_backward_sample<0, false>, group_norm_backward_sample<0, true>},
-            {group_norm_backward_sample<1, false>, group_norm_backward_sample<1, true>},
-            {group_norm_backward_sample<2, false>, group_norm_backward_sample<2, true>}};
-        kernels[act][nhwc != 0](a, n, xn, dyn, dxn);
+    for (int64_t task = 0; task < B * parts; ++task) {
+        const int64_t n = task / parts, c0 = task % parts * width, first = (n * C + c0) * hw;
+        kernels[act][nhwc != 0](a, n, c0, width, x + first, dy + first, dx + first);
     }
 }
 
