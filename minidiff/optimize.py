@@ -50,6 +50,7 @@ from torch import nn
 
 from . import ops
 from .models import UNet
+from .ops.reference import memory_format
 from .ops.winograd import has_fast_path, transform_weight, winograd_conv3x3
 
 _STATE = "_minidiff_optimize"  # the attribute holding what restore() must undo
@@ -132,7 +133,7 @@ def _autotune(x: torch.Tensor, conv: nn.Conv2d, training: bool) -> tuple[int, in
     """The fastest of oneDNN (None) and the WINOGRAD_KERNELS (tile, chunk tiles) for ``conv`` on inputs shaped
     and laid out like ``x``: inference with the filter transform cached, or training (forward and backward)."""
     g = torch.Generator().manual_seed(0)
-    xs = torch.randn(x.shape, generator=g).to(memory_format=_memory_format(x)).requires_grad_(training)
+    xs = torch.randn(x.shape, generator=g).to(memory_format=memory_format(x)).requires_grad_(training)
     weight = conv.weight.detach().clone().requires_grad_(training)
     bias = None if conv.bias is None else conv.bias.detach().clone().requires_grad_(training)
     inputs = [t for t in (xs, weight, bias) if t is not None]
@@ -154,15 +155,10 @@ def _autotune(x: torch.Tensor, conv: nn.Conv2d, training: bool) -> tuple[int, in
     return min(times, key=times.get)
 
 
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    return torch.channels_last if channels_last else torch.contiguous_format
-
-
 def _kernel(x: torch.Tensor, conv: nn.Conv2d, training: bool) -> tuple[int, int] | None:
     """The kernel for ``conv(x)``: autotuned at the first call for each input shape, layout, mode and thread
     count, then remembered for every convolution of the same shapes."""
-    key = (tuple(x.shape), _memory_format(x), conv.out_channels, conv.bias is not None, training,
+    key = (tuple(x.shape), memory_format(x), conv.out_channels, conv.bias is not None, training,
            torch.get_num_threads())
     if key not in _KERNEL_CHOICES:
         _KERNEL_CHOICES[key] = _autotune(x, conv, training)

@@ -1,15 +1,16 @@
-"""The fast CPU path: a small C++/OpenMP library built with the system compiler at first use.
+"""The fast CPU path: a small C++/OpenMP library (cpu.cpp) built with the system compiler at first use.
 
 Why (measured on the 2-core Zen dev box, fp32, (8, 128, 32, 32)): the reference GroupNorm+SiLU makes two
-passes over memory and two temporaries (F.group_norm 0.8 ms + F.silu 2.0 ms on one thread, without the
-allocations); torch.compile fuses them but ran only 1.15x faster (1.65 vs 1.9 ms, two threads) after a
-20 s compile in a fresh process. Here each (sample, group) task computes its statistics, then writes
-act(x k + off) while the group is still in L2, with an inline vectorised exp (libm's expf does not
-vectorise): 1.95 ms on one thread, and 1.4-3.5x the reference in benchmarks/ops.py, which counts the
-allocations as the UNet sees them. Without torch headers the library compiles in ~0.5 s; it links the
-libgomp that torch has loaded (same soname), so torch.set_num_threads applies; ctypes releases the GIL.
+passes over memory and two temporaries; torch.compile fuses them but ran only 1.15x faster after a 20 s
+compile in a fresh process. Here each (sample, group) task computes its statistics, then writes
+act(x k + off) while the group is still in L2, 8 lanes at a time with an inline exp (libm's expf does not
+vectorise): 0.43 ms on two threads, 1.7-8x the reference in benchmarks/ops.py, which counts the allocations
+as the UNet sees them. Training gets a backward kernel too (GroupNormAct: statistics recomputed from x, two
+passes over x and dy), 1.2-1.6x autograd through the reference, and it saves only x where autograd saves
+the normalised and activated tensors as well. Without torch headers the library compiles in ~1 s; it links
+the libgomp that torch has loaded (same soname), so torch.set_num_threads applies; ctypes releases the GIL.
 No compiler: a one-time warning, then the reference ops.
-Covered: float32 and bfloat16, contiguous or channels_last, activations silu/relu/none.
+Covered: float32 and bfloat16 (backward: float32), contiguous or channels_last, activations silu/relu/none.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 
 from ..files import atomic_path
+from .reference import memory_format
 
 _SOURCE = Path(__file__).with_name("cpu.cpp")
 _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-march=native", "-fno-math-errno", "-fno-trapping-math"]
@@ -126,7 +128,7 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
 
 
 def _is_nhwc(x: torch.Tensor) -> bool:
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return memory_format(x) == torch.channels_last
 
 
 def supports_group_norm_backward(x: torch.Tensor, act: str, *others: torch.Tensor | None) -> bool:

@@ -19,6 +19,13 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+def memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last for a 4-D NHWC tensor that is not also contiguous (as (B, C, 1, 1) ones are), else
+    contiguous_format: the layout the kernels read ``x`` in and write their outputs in."""
+    nhwc = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if nhwc else torch.contiguous_format
+
+
 def channel_vector(t: torch.Tensor | None, x: torch.Tensor, name: str) -> torch.Tensor | None:
     """``t`` of shape (B, C) or (B, C, 1, ...) as (B, C); ``None`` stays ``None``."""
     if t is None:

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from .cpu import KERNEL_ACTIVATIONS, UPDATE_COEFFICIENTS
+from .reference import memory_format
 
 _MAX_BLOCK = 2048
 
@@ -76,7 +77,7 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
                    act: str) -> torch.Tensor:
     """The fused kernel on validated arguments (``add``/``scale``/``shift`` already (B, C)); contiguous and
     channels_last inputs are read in place, other layouts are made contiguous first."""
-    nhwc = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    nhwc = memory_format(x) == torch.channels_last
     x = x if nhwc else x.contiguous()
     y = torch.empty_like(x)
     batch, channels, hw = x.shape[0], x.shape[1], math.prod(x.shape[2:])

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu
+from .reference import memory_format
 
 TILES = (2, 4)  # output tile sizes m
 # m -> (B^T (a, a), G (a, 3), A^T (m, a)); F(4x4, 3x3) interpolates at 0, +-1, +-2 and infinity
@@ -226,5 +227,4 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
                 transformed_weight = transform_weight(weight, tile)
         y = _WinogradConv.apply(x, weight, bias, transformed_weight.detach().contiguous(), tile,
                                  chunk_tiles)
-    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    return y.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return y.contiguous(memory_format=memory_format(x))
