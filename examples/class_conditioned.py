@@ -7,6 +7,7 @@ how many generated digits show the requested class.
 
     python examples/class_conditioned.py                       # defaults: additive, v-prediction
     python examples/class_conditioned.py --conditioning cross-attention --guidance_scale 2
+    python examples/class_conditioned.py --max_steps 5000 --max_minutes 3   # whichever comes first
 
 Writes to --output_dir: the model (a pipeline folder: minidiff.UNet.from_pretrained(output_dir) loads it),
 samples.png (one row per class), metrics.json, and the training log of minidiff.training.
@@ -38,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prediction_type", choices=PREDICTION_TYPES, default="v_prediction",
                    help="what the UNet predicts (v: Salimans & Ho 2022, better class fidelity here than epsilon)")
     p.add_argument("--max_steps", type=int, default=800, help="optimizer steps (the training budget)")
+    p.add_argument("--max_minutes", type=float, default=None,
+                   help="a time budget: stop training after this many minutes, even before --max_steps")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup_steps", type=int, default=50)
@@ -65,9 +68,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{args.conditioning} conditioning: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters")
 
     start = time.perf_counter()
-    train(unet, scheduler, dataset, TrainConfig(
+    result = train(unet, scheduler, dataset, TrainConfig(
         output_dir=args.output_dir, seed=args.seed, batch_size=args.batch_size, max_steps=args.max_steps,
-        lr=args.lr, warmup_steps=args.warmup_steps, ema_decay=args.ema_decay, cond_drop_prob=args.cond_drop_prob,
+        max_minutes=args.max_minutes, lr=args.lr, warmup_steps=args.warmup_steps, ema_decay=args.ema_decay,
+        cond_drop_prob=args.cond_drop_prob,
         log_samples_every=0, save_model_every=max(args.max_steps // 3, 1), resume=args.resume,
         overwrite=not args.resume))
     train_seconds = time.perf_counter() - start
@@ -84,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.output_dir)
     save_image(images / 2 + 0.5, out / "samples.png", nrow=args.samples_per_class, padding=1)
     metrics = dict(conditioning=args.conditioning, guidance_scale=args.guidance_scale,
-                   num_inference_steps=args.num_inference_steps, train_steps=args.max_steps,
+                   num_inference_steps=args.num_inference_steps, train_steps=result.step,
                    train_seconds=round(train_seconds, 1), sample_seconds=round(sample_seconds, 1),
                    judge_test_accuracy=judge.test_accuracy, **report.to_dict())
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

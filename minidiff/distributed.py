@@ -87,13 +87,14 @@ def gather_objects(obj: Any, world_size: int) -> list[Any]:
     return out
 
 
-def mean_and_any(value: Tensor, flag: bool, world_size: int) -> tuple[float, bool]:
-    """The mean of ``value`` over the processes and whether ``flag`` is set on any, in one all-reduce."""
+def mean_and_any(value: Tensor, flags: tuple[bool, ...], world_size: int) -> tuple[float, tuple[bool, ...]]:
+    """The mean of ``value`` over the processes and, for each of ``flags``, whether any process set it, in one
+    all-reduce."""
     if world_size == 1:
-        return float(value), flag
-    packed = torch.stack([value.float().reshape(()), torch.tensor(float(flag), device=value.device)])
+        return float(value), tuple(flags)
+    packed = torch.cat([value.float().reshape(1), torch.tensor([float(f) for f in flags], device=value.device)])
     dist.all_reduce(packed)
-    return float(packed[0]) / world_size, bool(packed[1] > 0)
+    return float(packed[0]) / world_size, tuple(bool(f > 0) for f in packed[1:])
 
 
 def barrier(world_size: int) -> None:

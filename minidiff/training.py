@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import math
 import shutil
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,7 @@ class TrainConfig:
     grad_accumulation_steps: int = 1       # micro-batches per optimizer step; the loss is divided by it
     num_epochs: int = 1                    # passes over the data, unless max_steps is set
     max_steps: int | None = None           # optimizer steps; overrides num_epochs
+    max_minutes: float | None = None       # a time budget: end (as at the last step) once training took this long
     lr: float = 1e-4                       # peak AdamW learning rate
     lr_schedule: str = "cosine"            # decay after warm-up: constant | linear | cosine (to 0)
     warmup_steps: int = 0                  # linear warm-up: lr * (step + 1) / warmup_steps
@@ -88,6 +90,8 @@ class TrainConfig:
         if not self.lr > 0 or self.weight_decay < 0 or (self.max_grad_norm is not None and not self.max_grad_norm > 0):
             raise ValueError(f"TrainConfig: lr={self.lr} must be > 0, weight_decay={self.weight_decay} >= 0, "
                              f"max_grad_norm={self.max_grad_norm} None or > 0")
+        if self.max_minutes is not None and (type(self.max_minutes) not in (int, float) or not self.max_minutes > 0):
+            raise ValueError(f"TrainConfig.max_minutes={self.max_minutes!r}: expected None or a number > 0")
         if not 0 <= self.ema_decay < 1 or not 0 <= self.cond_drop_prob < 1:
             raise ValueError(f"TrainConfig: ema_decay={self.ema_decay} and cond_drop_prob={self.cond_drop_prob} "
                              "must be in [0, 1)")
@@ -232,10 +236,11 @@ class Trainer:
             show = self.config.progress and self.rank == 0
             with stop_on_signals(self._request_stop), tqdm(total=self.total_steps, initial=self.step,
                                                            desc="training", unit="step", disable=not show) as bar:
-                batches = self.batches()
+                batches, deadline = self.batches(), self._deadline()
                 while self.step < self.total_steps:
-                    loss, stop = mean_and_any(self.compute_gradients(batches), self.stop_signal is not None,
-                                              self.world_size)
+                    loss, (stop, out_of_time) = mean_and_any(
+                        self.compute_gradients(batches), (self.stop_signal is not None, time.monotonic() > deadline),
+                        self.world_size)
                     if not math.isfinite(loss):
                         raise self._non_finite("loss", loss)
                     lr, grad_norm = self.optimizer_step()
@@ -247,11 +252,19 @@ class Trainer:
                         bar.write(f"stopped by signal {self.stop_signal} after step {self.step}; checkpoint saved "
                                   f"to {self.last_checkpoint}; continue with resume=True")
                         return TrainResult(self.step, loss, True, self.last_checkpoint, self.output_dir)
+                    if out_of_time:
+                        bar.write(f"time budget of {self.config.max_minutes} min reached after step {self.step}")
+                        break
                 self._finish()
         finally:
             if self._owns_group:
                 dist.destroy_process_group()
         return TrainResult(self.step, loss, False, self.last_checkpoint, self.output_dir)
+
+    def _deadline(self) -> float:
+        """time.monotonic() at which the time budget of this (possibly resumed) run ends."""
+        budget = self.config.max_minutes
+        return math.inf if budget is None else time.monotonic() + 60 * budget
 
     def _request_stop(self, name: str) -> None:
         self.stop_signal = name

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import pytest
@@ -109,6 +110,9 @@ def test_config_validation():
         TrainConfig(lr_schedule="step")
     with pytest.raises(ValueError, match="batch_size"):
         TrainConfig(batch_size=0)
+    for bad in (0, -1.0, "5", True):
+        with pytest.raises(ValueError, match="max_minutes"):
+            TrainConfig(max_minutes=bad)
     with pytest.raises(ValueError, match="fp16"):
         Trainer(tiny_unet(), scheduler(), images(), TrainConfig(mixed_precision="fp16", device="cpu", **FAST))
 
@@ -162,6 +166,19 @@ def test_label_dropout_uses_the_null_class(tmp_path):
 def test_bf16_autocast_on_cpu(tmp_path):
     config = TrainConfig(output_dir=str(tmp_path), max_steps=1, mixed_precision="bf16", device="cpu", **FAST)
     assert math.isfinite(train(tiny_unet(), scheduler(), images(), config).loss)
+
+
+def test_time_budget_ends_the_run_like_its_last_step(tmp_path, monkeypatch):
+    """The budget is checked after each step's gradients; the run then finishes as at max_steps (final
+    pipeline and checkpoint written), here after 3 of 100 steps on a fake clock advancing 1 min per call."""
+    clock = iter(range(0, 10**6, 60))
+    monkeypatch.setattr(minidiff.training, "time", types.SimpleNamespace(monotonic=lambda: next(clock)))
+    config = TrainConfig(output_dir=str(tmp_path), max_steps=100, max_minutes=2.5, device="cpu",
+                         **{**FAST, "save_model_every": 50})
+    result = train(tiny_unet(), scheduler(), images(), config)
+    assert result.step == 3 and not result.interrupted
+    assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert result.checkpoint == ckpt.step_dir(tmp_path / "checkpoints", 3)
 
 
 # ------------------------------------------------------------------------------------ checkpoints
