@@ -3,8 +3,8 @@
 What it combines, and why (measured on the 2-core AVX2 dev box, float32, batch 8; the numbers are in
 benchmarks/results/unet_vs_diffusers.json):
 - ``channels_last`` weights. Convolutions are most of the forward; oneDNN's NHWC kernels run the 3x3
-  ones ~10% faster (up to 1.5x on 4x4 maps), the C++ GroupNorm+act reads NHWC directly (~1.5x faster
-  than on NCHW), and attention's (B, C, H, W) -> (B, H*W, C) becomes a view instead of a copy. Every
+  ones ~10% faster (up to 1.5x on 4x4 maps), the C++ GroupNorm+act kernels (forward and backward) read
+  NHWC directly, and attention's (B, C, H, W) -> (B, H*W, C) becomes a view instead of a copy. Every
   activation follows the weights' layout from conv_in on; the output is made contiguous again.
   Training gains nothing from it here, and loses nothing measurable.
 - ``compile=True``: torch.compile (inductor) of the forward with the pure-torch reference ops (the
