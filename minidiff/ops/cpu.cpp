@@ -217,16 +217,19 @@ struct GnGrad {
 
 enum { ZR, ZO, WC, BC, S1, SH, GA, GB, GC, NCOEF };  // per-channel coefficients of the backward
 
-// The coefficients of channel c (NCHW: broadcast to the 8 lanes) or of channels c..c+lanes-1 (NHWC; lanes past
-// them zero, which zeroes their terms); the values x, dy at i (lanes of them).
+// The coefficients of channel c (NCHW: broadcast to the 8 lanes; kept while c stays the same, as along an
+// NCHW row) or of channels c..c+lanes-1 (NHWC; lanes past them zero, which zeroes their terms); the values
+// x, dy at i (lanes of them).
 template <bool nhwc>
 static inline void load_run(const std::vector<float>* coef, int64_t c, int lanes, const float* x,
-                            const float* dy, int64_t i, v8* k, v8& xv, v8& dv) {
-    for (int j = 0; j < NCOEF; ++j) {
-        if (!nhwc) k[j] = v8{} + coef[j][c];
-        else if (lanes == 8) k[j] = load8(&coef[j][c]);
-        else { k[j] = v8{}; for (int l = 0; l < lanes; ++l) k[j][l] = coef[j][c + l]; }
-    }
+                            const float* dy, int64_t i, v8* k, int64_t& loaded, v8& xv, v8& dv) {
+    if (nhwc || c != loaded)
+        for (int j = 0; j < NCOEF; ++j) {
+            if (!nhwc) k[j] = v8{} + coef[j][c];
+            else if (lanes == 8) k[j] = load8(&coef[j][c]);
+            else { k[j] = v8{}; for (int l = 0; l < lanes; ++l) k[j][l] = coef[j][c + l]; }
+        }
+    loaded = c;
     if (lanes == 8) { xv = load8(x + i); dv = load8(dy + i); return; }
     xv = v8{}; dv = v8{};
     for (int l = 0; l < lanes; ++l) { xv[l] = x[i + l]; dv[l] = dy[i + l]; }
@@ -273,11 +276,14 @@ static void group_norm_backward_part(const GnGrad& a, int64_t n, int64_t first, 
     // pass 1: float lanes (NCHW: of the channel's row; NHWC: per channel, folded every 256 pixels) into double
     const v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
     std::vector<float> part(4 * C, 0.0f);
-    v8 t[4] = {};
+    v8 t[4] = {}, k[NCOEF];
+    int64_t loaded = -1;  // the channel whose coefficients k holds
     runs<nhwc>(C, hw, [&](int64_t c, int64_t i, int lanes) {
-        v8 k[NCOEF], xv, dv, g, z, u;
-        load_run<nhwc>(coef, c, lanes, x, dy, i, k, xv, dv);
+        v8 xv, dv, g, z, u;
+        load_run<nhwc>(coef, c, lanes, x, dy, i, k, loaded, xv, dv);
         grad8<ACT>(xv, dv, k, g, z, u);
+        if (lanes == 8) store8(dx + i, g);  // g kept in dx for pass 2: one activation derivative per value
+        else for (int l = 0; l < lanes; ++l) dx[i + l] = g[l];
         if (lanes < 8) {  // lanes past the run: out of the sums (NCHW: junk; NHWC: z = 0 already)
             const v8i keep = lane < lanes;
             g = (v8)((v8i)g & keep); z = (v8)((v8i)z & keep);
@@ -321,11 +327,11 @@ static void group_norm_backward_part(const GnGrad& a, int64_t n, int64_t first, 
         if (a.dsc) a.dsc[o] = (float)sums[C + c];
         if (a.dadd) a.dadd[o] = (float)(coef[GA][c] * sums[c] + coef[GB][c] * sums[3 * C + c] + coef[GC][c] * hw);
     }
-    runs<nhwc>(C, hw, [&](int64_t c, int64_t i, int lanes) {  // pass 2: dx = g A + z Bc + Cc
-        v8 k[NCOEF], xv, dv, g, z, u;
-        load_run<nhwc>(coef, c, lanes, x, dy, i, k, xv, dv);
-        grad8<ACT>(xv, dv, k, g, z, u);
-        const v8 d = g * k[GA] + z * k[GB] + k[GC];
+    loaded = -1;  // GA, GB, GC are new
+    runs<nhwc>(C, hw, [&](int64_t c, int64_t i, int lanes) {  // pass 2: dx = g A + z Bc + Cc, g from pass 1
+        v8 xv, g;
+        load_run<nhwc>(coef, c, lanes, x, dx, i, k, loaded, xv, g);
+        const v8 d = g * k[GA] + (xv * k[ZR] + k[ZO]) * k[GB] + k[GC];
         if (lanes == 8) store8(dx + i, d);
         else for (int l = 0; l < lanes; ++l) dx[i + l] = d[l];
     }, [](int64_t) {});
