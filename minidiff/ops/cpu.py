@@ -6,7 +6,7 @@ compile in a fresh process. Here each (sample, group) task computes its statisti
 act(x k + off) while the group is still in L2, 8 lanes at a time with an inline exp (libm's expf does not
 vectorise): 0.43 ms on two threads, 1.7-8x the reference in benchmarks/ops.py, which counts the allocations
 as the UNet sees them. Training gets a backward kernel too (GroupNormAct: statistics recomputed from x, two
-passes over x and dy), 1.2-1.6x autograd through the reference, and it saves only x where autograd saves
+passes over x and dy), 1.5-1.9x autograd through the reference, and it saves only x where autograd saves
 the normalised and activated tensors as well. Without torch headers the library compiles in ~1 s; it links
 the libgomp that torch has loaded (same soname), so torch.set_num_threads applies; ctypes releases the GIL.
 No compiler: a one-time warning, then the reference ops.
