@@ -117,7 +117,7 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
                                                                         (shift, "shift")))
     path = _path(x, weight, bias, add, scale, shift)
     args = (x, weight, bias, num_groups, eps, scale, shift, add, act)
-    if (path == "reference" and _backend in ("auto", "cpu") and x.device.type == "cpu"
+    if (path == "reference" and _backend in ("auto", "cpu")
             and cpu.supports_group_norm_backward(x, act, weight, bias, add, scale, shift)):
         return cpu.GroupNormAct.apply(x, weight, bias, add, scale, shift, num_groups, eps, act)
     if path == "triton" and act in cpu.KERNEL_ACTIVATIONS and x.numel() > 0:

@@ -202,12 +202,12 @@ static inline void grad8(v8 xv, v8 dv, const v8* k, v8& g, v8& z, v8& u) {
     g = dv * activate_grad<ACT>(u * k[4] + k[5]);
 }
 
-// The backward of y = act(pre), pre = u (1 + scale) + shift, u = z w + b, z = (x + add - mean) rstd, for one
-// float32 sample (C channels of hw values, channels_last or not), statistics recomputed from x. With g = dy
+// The backward of y = act(pre), pre = u (1 + scale) + shift, u = z w + b, z = (x + add - mean) rstd, for whole
+// groups of one float32 sample (channels_last or not), statistics recomputed from x. With g = dy
 // act'(pre) and per channel G1 = sum g, G2 = sum g u, G3 = sum g z, Z1 = sum z (pass 1):
 //   dshift = G1, dscale = G2, dw = (1 + scale) G3, db = (1 + scale) G1 (per sample; summed over the batch by
 //   the caller), and with dz = g (1 + scale) w and group means mdz = mean(dz), mdzz = mean(dz z):
-//   dx = rstd (dz - mdz - z mdzz) = g A + z Bc + Cc (pass 2), dadd = sum dx = A G1 + Bc Z1 + Cc hw.
+//   dx = rstd (dz - mdz - z mdzz) = g A + z Bc + Cc (pass 2, g kept from pass 1), dadd = sum dx = A G1 + Bc Z1 + Cc hw.
 struct GnGrad {
     const float *w, *b, *add, *sc, *sh;
     float *dw, *db, *dadd, *dsc, *dsh;  // (B, C) each; dadd, dsc, dsh may be null
