@@ -51,7 +51,7 @@ from torch import nn
 from . import ops
 from .models import UNet
 from .ops.reference import memory_format
-from .ops.winograd import has_fast_path, transform_weight, winograd_conv3x3
+from .ops.winograd import has_fast_path, prepare_weight, winograd_conv3x3
 
 _STATE = "_minidiff_optimize"  # the attribute holding what restore() must undo
 _WINOGRAD_CACHE = "_minidiff_winograd"  # a convolution's (weight version, {tile: transformed weight})
@@ -138,7 +138,7 @@ def _autotune(x: torch.Tensor, conv: nn.Conv2d, training: bool) -> tuple[int, in
     bias = None if conv.bias is None else conv.bias.detach().clone().requires_grad_(training)
     inputs = [t for t in (xs, weight, bias) if t is not None]
     dy = torch.randn(x.shape[0], conv.out_channels, *x.shape[2:], generator=g) if training else None
-    filters = {tile: transform_weight(weight.detach(), tile) for tile in {t for t, _ in WINOGRAD_KERNELS}}
+    filters = {tile: prepare_weight(weight, tile) for tile in {t for t, _ in WINOGRAD_KERNELS}}
 
     def run(kernel: tuple[int, int] | None) -> None:
         if kernel is None:
@@ -183,8 +183,7 @@ def _winograd_forward(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     if cached is None or cached[0] != version:
         cached = conv.__dict__[_WINOGRAD_CACHE] = (version, {})
     if tile not in cached[1]:
-        with torch.no_grad():
-            cached[1][tile] = transform_weight(weight, tile)
+        cached[1][tile] = prepare_weight(weight, tile)
     return winograd_conv3x3(x, weight, conv.bias, tile=tile, chunk_tiles=chunk, transformed_weight=cached[1][tile])
 
 

@@ -99,17 +99,28 @@ def test_without_bias_and_partial_gradients(path, tile):
     _close(ours, ref, TOLERANCE[tile])
 
 
+def _from_panels(packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """The kernels' (P, rows * cols) layout, 16-column panels, back to (P, rows, cols)."""
+    panels = [packed[:, j * rows:(j + min(16, cols - j)) * rows].view(-1, rows, min(16, cols - j))
+              for j in range(0, cols, 16)]
+    return torch.cat(panels, dim=2)
+
+
 @pytest.mark.parametrize("tile", winograd.TILES)
-def test_transformed_weight_cache_and_its_gradient(path, tile):
-    x, weight, bias = _inputs((2, 8, 16, 6, 6))
+@pytest.mark.parametrize("k", [16, 24])
+def test_transformed_weight_cache_and_its_gradient(path, tile, k):
+    x, weight, bias = _inputs((2, 8, k, 6, 6))
     u = winograd.transform_weight(weight, tile)
-    assert u.shape == ((tile + 2) ** 2, 8, 16)
+    assert u.shape == ((tile + 2) ** 2, 8, k)
+    cache = winograd.prepare_weight(weight, tile)  # the kernels' layout where they run
+    _close(_from_panels(cache, 8, k) if path == "kernels" else cache, u, 1e-6)
     ref = F.conv2d(x, weight, bias, padding=1)
     with torch.no_grad():
-        _close(winograd.winograd_conv3x3(x, weight, bias, tile=tile, transformed_weight=u), ref, TOLERANCE[tile])
+        for given in (cache, u):  # one made for the other path's layout is recomputed
+            out = winograd.winograd_conv3x3(x, weight, bias, tile=tile, transformed_weight=given)
+            _close(out, ref, TOLERANCE[tile])
     weight.requires_grad_()  # the cache is a value: the weight still receives its gradient
-    _close(winograd.transform_weight(weight, tile), u, 1e-6)  # autograd's transform, as the kernel's
-    out = winograd.winograd_conv3x3(x, weight, bias, tile=tile, transformed_weight=u)
+    out = winograd.winograd_conv3x3(x, weight, bias, tile=tile, transformed_weight=cache)
     (ours,) = torch.autograd.grad(out.sum(), weight)
     (ref,) = torch.autograd.grad(F.conv2d(x, weight, bias, padding=1).sum(), weight)
     _close(ours, ref, TOLERANCE[tile])

@@ -110,60 +110,61 @@ static void input_grad_tiles(const Geometry& g, const float* dv, float* dx, floa
 }
 
 // out[p][r][s] = (L X L^T)[p] with X[q] = in[q][r][s] for each (r, s): in (Q^2, R, S) -> out (P^2, R, S). With
-// L = G: the filter transform, 3x3 -> a x a; with L = G^T, its adjoint.
+// L = G: the filter transform, 3x3 -> a x a, written as `panels` for gemm (the kernels' U); with L = G^T, its
+// adjoint, row-major.
 template <int P, int Q>
-static void filters(const float (&L)[P][Q], const float* in, float* out, int64_t R, int64_t S) {
+static void filters(const float (&L)[P][Q], const float* in, float* out, int64_t R, int64_t S, bool panels) {
     #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < R; ++r)
-        for (int64_t s = 0; s < S; s += 8)
+        for (int64_t s = 0; s < S; s += 8) {
+            const int64_t j = s / 16 * 16, w = std::min<int64_t>(16, S - j);
+            const int64_t at = panels ? j * R + r * w + s - j : r * S + s;  // within one position's (R, S)
             sandwich(L, [&](int i, int j) { return ld(in + ((i * Q + j) * R + r) * S + s); },
-                     [&](int i, int j, v8 z) { st(out + ((i * P + j) * R + r) * S + s, z); });
+                     [&](int i, int j, v8 z) { st(out + (i * P + j) * R * S + at, z); });
+        }
 }
 
-// c[i, j] (+)= sum_l a[i rs + l cs] b[l ldb + j] for R rows and 16 columns: 2R vector accumulators
-template <int R>
+// c[i, j] (+)= sum_l a[i rs + l cs] b[l ldb + j] for R rows and 8 NV columns: R NV vector accumulators
+template <int R, int NV>
 static void micro(const float* a, int64_t rs, int64_t cs, const float* b, int64_t ldb, float* c, int64_t ldc,
                   int64_t inner, bool add) {
-    v8 s[R][2] = {};
+    v8 s[R][NV] = {};
     for (int64_t l = 0; l < inner; ++l) {
-        const v8 b0 = ld(b + l * ldb), b1 = ld(b + l * ldb + 8);
+        v8 bl[NV];
+        for (int h = 0; h < NV; ++h) bl[h] = ld(b + l * ldb + 8 * h);
         for (int r = 0; r < R; ++r) {
             const float e = a[r * rs + l * cs];
-            s[r][0] += e * b0;
-            s[r][1] += e * b1;
+            for (int h = 0; h < NV; ++h) s[r][h] += e * bl[h];
         }
     }
     for (int r = 0; r < R; ++r)
-        for (int h = 0; h < 2; ++h) {
+        for (int h = 0; h < NV; ++h) {
             float* o = c + r * ldc + 8 * h;
             st(o, add ? ld(o) + s[r][h] : s[r][h]);
         }
 }
 
-// C (rows x cols, row stride ldc) (+)= A B, A's element (i, l) at a[i rs + l cs], B row-major (row stride ldb)
-static void gemm(const float* a, int64_t rs, int64_t cs, const float* b, int64_t ldb, float* c, int64_t ldc,
-                 int64_t rows, int64_t inner, int64_t cols, bool add) {
+// C (rows x cols, row stride ldc) (+)= A B, A's element (i, l) at a[i rs + l cs]; B (inner x cols) row-major
+// (row stride ldb) or, for `panels`, in 16-column panels: columns j..j + w of all rows contiguous, w floats a row,
+// from b + j inner (w = min(16, cols - j); cols is a multiple of 8). Panels keep a panel's rows on few pages.
+static void gemm(const float* a, int64_t rs, int64_t cs, const float* b, int64_t ldb, bool panels, float* c,
+                 int64_t ldc, int64_t rows, int64_t inner, int64_t cols, bool add) {
     constexpr int64_t KC = 256;  // a 16-column panel of B, KC rows (16 KB), stays in L1 while the rows pass
-    static decltype(&micro<6>) const kernels[] = {micro<1>, micro<2>, micro<3>, micro<4>, micro<5>, micro<6>};
-    int64_t j = 0;
-    for (; j + 16 <= cols; j += 16)
+    static decltype(&micro<6, 2>) const kernels[2][6] = {
+        {micro<1, 1>, micro<2, 1>, micro<3, 1>, micro<4, 1>, micro<5, 1>, micro<6, 1>},
+        {micro<1, 2>, micro<2, 2>, micro<3, 2>, micro<4, 2>, micro<5, 2>, micro<6, 2>}};
+    for (int64_t j = 0; j < cols; j += 16) {
+        const int64_t w = std::min<int64_t>(16, cols - j), stride = panels ? w : ldb;
+        const float* bj = panels ? b + j * inner : b + j;
         for (int64_t l = 0; l < inner; l += KC)
-            for (int64_t i = 0; i < rows; i += 6) {
-                const float* ai = a + i * rs + l * cs;
-                const float* bl = b + l * ldb + j;
-                float* ci = c + i * ldc + j;
-                kernels[std::min<int64_t>(6, rows - i) - 1](ai, rs, cs, bl, ldb, ci, ldc, std::min(KC, inner - l),
-                                                            add || l > 0);
-            }
-    for (; j < cols; ++j)  // the last cols % 16 columns
-        for (int64_t i = 0; i < rows; ++i) {
-            float s = add ? c[i * ldc + j] : 0.0f;
-            for (int64_t l = 0; l < inner; ++l) s += a[i * rs + l * cs] * b[l * ldb + j];
-            c[i * ldc + j] = s;
-        }
+            for (int64_t i = 0; i < rows; i += 6)
+                kernels[w / 8 - 1][std::min<int64_t>(6, rows - i) - 1](a + i * rs + l * cs, rs, cs, bj + l * stride,
+                                                                       stride, c + i * ldc + j, ldc,
+                                                                       std::min(KC, inner - l), add || l > 0);
+    }
 }
 
-// Y (B, H, W, K) = conv(x (B, H, W, C)) + bias with u (P, C, K), by chunks of `rows` tile rows
+// Y (B, H, W, K) = conv(x (B, H, W, C)) + bias with u (P, C, K; gemm's panels), by chunks of `rows` tile rows
 template <int M>
 static void forward(const Geometry& g, const float* x, const float* u, const float* bias, float* y, int64_t rows) {
     constexpr int P = (M + 2) * (M + 2);
@@ -177,14 +178,14 @@ static void forward(const Geometry& g, const float* x, const float* u, const flo
             const int64_t n = std::min(chunk, T - t0);
             input_tiles<M>(g, x, v.get(), zeros.data(), t0, n);
             for (int p = 0; p < P; ++p)
-                gemm(v.get() + p * n * g.C, g.C, 1, u + p * g.C * g.K, g.K, m.get() + p * n * g.K, g.K, n, g.C, g.K,
-                     false);
+                gemm(v.get() + p * n * g.C, g.C, 1, u + p * g.C * g.K, g.K, true, m.get() + p * n * g.K, g.K, n, g.C,
+                     g.K, false);
             output_tiles<M>(g, m.get(), bias, y, sink.data(), t0, n);
         }
     }
 }
 
-// dx (B, H, W, C; zero on entry) and dU (P, K, C) from dy (B, H, W, K), x and u_kc = U^T (P, K, C): either
+// dx (B, H, W, C; zero on entry) and dU (P, K, C) from dy (B, H, W, K), x and u_kc = U^T (P, K, C; panels): either
 // output may be null. Thread 0 sums dU in du itself (round robin gives it the first chunk, which writes rather
 // than adds), the others in their own copies, added at the end.
 template <int M>
@@ -208,14 +209,14 @@ static void backward(const Geometry& g, const float* x, const float* u_kc, const
                 if (du) {
                     input_tiles<M>(g, x, v.get(), zeros.data(), t0, n);
                     for (int p = 0; p < P; ++p)  // dU[p] += dM[p]^T V[p]
-                        gemm(dm.get() + p * n * g.K, 1, g.K, v.get() + p * n * g.C, g.C, acc + p * g.K * g.C, g.C,
-                             g.K, n, g.C, !fresh);
+                        gemm(dm.get() + p * n * g.K, 1, g.K, v.get() + p * n * g.C, g.C, false, acc + p * g.K * g.C,
+                             g.C, g.K, n, g.C, !fresh);
                     fresh = false;
                 }
                 if (dx) {
                     for (int p = 0; p < P; ++p)  // dV[p] = dM[p] U[p]^T, into V's buffer
-                        gemm(dm.get() + p * n * g.K, g.K, 1, u_kc + p * g.K * g.C, g.C, v.get() + p * n * g.C, g.C,
-                             n, g.K, g.C, false);
+                        gemm(dm.get() + p * n * g.K, g.K, 1, u_kc + p * g.K * g.C, g.C, true, v.get() + p * n * g.C,
+                             g.C, n, g.K, g.C, false);
                     input_grad_tiles<M>(g, v.get(), dx, sink.data(), t0, n);
                 }
             }
@@ -243,8 +244,8 @@ extern "C" void md_winograd_backward(int m, const float* x, const float* u_kc, c
 }
 
 extern "C" void md_winograd_filter(int m, int adjoint, const float* in, float* out, int64_t R, int64_t S) {
-    if (m == 2 && adjoint) filters(Tile<2>::GT, in, out, R, S);
-    else if (m == 2) filters(Tile<2>::G, in, out, R, S);
-    else if (adjoint) filters(Tile<4>::GT, in, out, R, S);
-    else filters(Tile<4>::G, in, out, R, S);
+    if (m == 2 && adjoint) filters(Tile<2>::GT, in, out, R, S, false);
+    else if (m == 2) filters(Tile<2>::G, in, out, R, S, true);
+    else if (adjoint) filters(Tile<4>::GT, in, out, R, S, false);
+    else filters(Tile<4>::G, in, out, R, S, true);
 }

@@ -112,24 +112,31 @@ def _check_tile(tile: int) -> None:
 
 
 def _filter(weight: torch.Tensor, tile: int, transposed: bool = False) -> torch.Tensor:
-    """The C++ filter transform: U (P, C, K), or U^T (P, K, C) when ``transposed``."""
+    """The C++ filter transform in the kernels' layout: U (P, C, K), or U^T (P, K, C) when ``transposed``, each
+    position's matrix in 16-column panels, as a (P, rows * cols) tensor."""
     w = weight.detach().permute(2, 3, 0, 1) if transposed else weight.detach().permute(2, 3, 1, 0)
     w = w.contiguous()  # (3, 3, rows, cols)
-    u = w.new_empty((tile + 2) ** 2, *w.shape[2:])
+    u = w.new_empty((tile + 2) ** 2, w.shape[2] * w.shape[3])
     _library().md_winograd_filter(tile, 0, w.data_ptr(), u.data_ptr(), *w.shape[2:])
     return u
 
 
 def transform_weight(weight: torch.Tensor, tile: int = 4) -> torch.Tensor:
-    """U = G g G^T for every (k, c): (K, C, 3, 3) -> (P, C, K), position p = a i + j of the a x a tile.
-    Differentiable (by autograd, in torch ops) when the weight requires grad."""
+    """U = G g G^T for every (k, c): (K, C, 3, 3) -> (P, C, K), position p = a i + j of the a x a tile, in torch
+    ops (differentiable)."""
     _check_tile(tile)
-    fast = has_fast_path(weight, weight)  # as for an input of C channels: float32 CPU, C and K multiples of 8
-    if fast and not (torch.is_grad_enabled() and weight.requires_grad):
-        return _filter(weight, tile)
     k, c = weight.shape[:2]
     u = _matrices(tile)[1].to(weight) @ weight.reshape(k * c, 9).T  # (P, K * C)
     return u.view(-1, k, c).transpose(1, 2).contiguous()
+
+
+def prepare_weight(weight: torch.Tensor, tile: int = 4) -> torch.Tensor:
+    """U for ``winograd_conv3x3(..., transformed_weight=)``, an inference cache, in the layout of the kernels
+    that will run: the C++ kernels' panels where ``has_fast_path`` holds for the weight, else
+    ``transform_weight``'s. Not differentiable."""
+    _check_tile(tile)
+    with torch.no_grad():
+        return _filter(weight, tile) if has_fast_path(weight, weight) else transform_weight(weight, tile)
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile: int) -> None:
@@ -212,19 +219,20 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
                      transformed_weight: torch.Tensor | None = None, chunk_tiles: int = CHUNK_TILES) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=1)`` for a (K, C, 3, 3) ``weight`` by Winograd F(tile x tile, 3x3),
     ``tile`` 2 or 4: x (B, C, H, W), any H and W, NCHW or channels_last; the output has x's memory format.
-    Differentiable in x, weight and bias. ``transformed_weight``: ``transform_weight(weight, tile)`` computed
-    beforehand (an inference cache; it must match ``weight``, which still receives the gradient).
+    Differentiable in x, weight and bias. ``transformed_weight``: ``prepare_weight(weight, tile)`` computed
+    beforehand (an inference cache; it must match ``weight``, which still receives the gradient; one made for
+    the other kernels' layout is recomputed).
     ``chunk_tiles``: tiles per chunk of the C++ kernels (their speed, not their result, depends on it)."""
     _check(x, weight, bias, tile)
     if not isinstance(chunk_tiles, int) or chunk_tiles < 1:
         raise ValueError(f"winograd_conv3x3: chunk_tiles must be a positive int, got {chunk_tiles!r}")
+    u = transformed_weight
     if not has_fast_path(x, weight):  # autograd differentiates the filter transform if the weight needs it
-        recompute = transformed_weight is None or (torch.is_grad_enabled() and weight.requires_grad)
-        y = _reference(x, transform_weight(weight, tile) if recompute else transformed_weight, bias, tile)
+        if u is None or u.dim() != 3 or (torch.is_grad_enabled() and weight.requires_grad):
+            u = transform_weight(weight, tile)
+        y = _reference(x, u, bias, tile)
     else:  # _WinogradConv computes the weight's gradient itself: U is only a value
-        if transformed_weight is None:
-            with torch.no_grad():
-                transformed_weight = transform_weight(weight, tile)
-        y = _WinogradConv.apply(x, weight, bias, transformed_weight.detach().contiguous(), tile,
-                                 chunk_tiles)
+        if u is None or u.dim() != 2:
+            u = _filter(weight, tile)
+        y = _WinogradConv.apply(x, weight, bias, u.detach().contiguous(), tile, chunk_tiles)
     return y.contiguous(memory_format=memory_format(x))
