@@ -2,7 +2,6 @@
 // the transform tables, written from its MATRICES, in place of the TABLES marker below before compiling.
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <memory>
 #include <vector>
 #ifdef _OPENMP
@@ -12,66 +11,94 @@ static int omp_get_thread_num() { return 0; }
 #endif
 
 typedef float v8 __attribute__((vector_size(32)));  // 8 channels: C and K are multiples of 8
-static inline v8 ld(const float* p) { v8 v; std::memcpy(&v, p, sizeof v); return v; }
-static inline void st(float* p, v8 v) { std::memcpy(p, &v, sizeof v); }
+typedef float v8u __attribute__((vector_size(32), aligned(4)));  // the same, unaligned: loads and stores
+static inline v8 ld(const float* p) { return *reinterpret_cast<const v8u*>(p); }
+static inline void st(float* p, v8 v) { *reinterpret_cast<v8u*>(p) = v; }
 static std::unique_ptr<float[]> buffer(int64_t n) { return std::unique_ptr<float[]>(new float[n]); }
 
 template <int M> struct Tile;  // the transforms as constant tables: BT = B^T, B, G, GT = G^T, AT = A^T, A
 @TABLES@
 
-// y(i, j, Z[i][j]) for Z = L X L^T, L a constant (P x Q) table, X (Q x Q) read through x(k, l). The loops
-// unroll completely, so zeros in L cost nothing and +-1 no multiply (the sums start at -0.0f, and -0.0f + v = v).
+// y(i, j, Z[i][j]) for Z = L X L^T, L a constant (P x Q) table, X (Q x Q) read through x(k, l): a column of X
+// at a time, then a row of L X. The loops over L's entries unroll, so zeros in L cost nothing and +-1 no
+// multiply (the sums start at -0.0f, and -0.0f + v = v); the outer ones do not, to keep the sums in registers.
 template <int P, int Q, typename X, typename Y>
 static inline void sandwich(const float (&L)[P][Q], X x, Y y) {
     v8 r[P][Q];
-    #pragma GCC unroll 8
-    for (int i = 0; i < P; ++i)
+    #pragma GCC unroll 1
+    for (int l = 0; l < Q; ++l) {
+        v8 col[Q];
         #pragma GCC unroll 8
-        for (int l = 0; l < Q; ++l) {
+        for (int k = 0; k < Q; ++k) col[k] = x(k, l);
+        #pragma GCC unroll 8
+        for (int i = 0; i < P; ++i) {
             v8 s = v8{} * -1.0f;
             #pragma GCC unroll 8
-            for (int k = 0; k < Q; ++k) if (L[i][k] != 0.0f) s += L[i][k] * x(k, l);
+            for (int k = 0; k < Q; ++k) if (L[i][k] != 0.0f) s += L[i][k] * col[k];
             r[i][l] = s;
         }
-    #pragma GCC unroll 8
-    for (int i = 0; i < P; ++i)
+    }
+    #pragma GCC unroll 1
+    for (int i = 0; i < P; ++i) {
+        v8 row[Q];
+        #pragma GCC unroll 8
+        for (int l = 0; l < Q; ++l) row[l] = r[i][l];
         #pragma GCC unroll 8
         for (int j = 0; j < P; ++j) {
             v8 s = v8{} * -1.0f;
             #pragma GCC unroll 8
-            for (int l = 0; l < Q; ++l) if (L[j][l] != 0.0f) s += L[j][l] * r[i][l];
+            for (int l = 0; l < Q; ++l) if (L[j][l] != 0.0f) s += L[j][l] * row[l];
             y(i, j, s);
         }
+    }
 }
 
+// A tile's patch: at(i, j) the row of floats of pixel (i, j). Inside the image the patch is strided; across its
+// border, a table of pointers to the image or to a fill row (zeros to read, a sink to write).
+template <typename Ptr> struct Inside {
+    Ptr base; int64_t row, pixel;
+    Ptr at(int i, int j) const { return base + i * row + j * pixel; }
+};
+template <typename Ptr, int S> struct Border {
+    Ptr px[S * S];
+    Ptr at(int i, int j) const { return px[i * S + j]; }
+};
+
 // Tile t = (b, ty, tx) of B*th*tw reads the a x a patch from row M ty - 1, column M tx - 1 (zero outside the
-// image) and owns the M x M outputs from (M ty, M tx); images NHWC. tiles() calls body(px, t - t0) for the tiles
-// t0 <= t < t0 + n of a chunk, px the size x size pixels from (M ty + origin, M tx + origin), each a row of ch
-// floats, or fill outside the image (zeros to read, a sink to write). A chunk's buffers hold position p of tile t
-// at buf[(p * n + t - t0) * C + c].
+// image) and owns the M x M outputs from (M ty, M tx); images NHWC. tiles() calls body(patch, t - t0) for the
+// tiles t0 <= t < t0 + n of a chunk, patch the S x S pixels from (M ty + origin, M tx + origin), each a row of ch
+// floats. A chunk's buffers hold position p of tile t at buf[(p * n + t - t0) * C + c].
 struct Geometry {
     int64_t B, H, W, C, K, th, tw;
-    template <int M, typename Ptr, typename F>
-    void tiles(Ptr img, int64_t ch, int64_t t0, int64_t n, int origin, int size, Ptr fill, F body) const {
+    template <int M, int S, typename Ptr, typename F>
+    void tiles(Ptr img, int64_t ch, int64_t t0, int64_t n, int origin, Ptr fill, F body) const {
         for (int64_t t = t0; t < t0 + n; ++t) {
-            const int64_t b = t / (th * tw), ty = t / tw % th, tx = t % tw;
-            Ptr px[(M + 2) * (M + 2)];
-            for (int i = 0; i < size * size; ++i) {
-                const int64_t yy = M * ty + origin + i / size, xx = M * tx + origin + i % size;
-                px[i] = yy >= 0 && yy < H && xx >= 0 && xx < W ? img + ((b * H + yy) * W + xx) * ch : fill;
+            const int64_t b = t / (th * tw), y0 = M * (t / tw % th) + origin, x0 = M * (t % tw) + origin;
+            if (y0 >= 0 && y0 + S <= H && x0 >= 0 && x0 + S <= W) {
+                body(Inside<Ptr>{img + ((b * H + y0) * W + x0) * ch, W * ch, ch}, t - t0);
+                continue;
             }
-            body(px, t - t0);
+            Border<Ptr, S> patch;
+            for (int i = 0; i < S * S; ++i) {
+                const int64_t yy = y0 + i / S, xx = x0 + i % S;
+                patch.px[i] = yy >= 0 && yy < H && xx >= 0 && xx < W ? img + ((b * H + yy) * W + xx) * ch : fill;
+            }
+            body(patch, t - t0);
         }
     }
 };
 
+// The transforms of a chunk's tiles; scalars are copied into the lambdas, so that the compiler keeps them in
+// registers across the stores.
 template <int M>  // V = B^T d B
 static void input_tiles(const Geometry& g, const float* x, float* v, const float* zeros, int64_t t0, int64_t n) {
     constexpr int A = M + 2;
-    g.tiles<M>(x, g.C, t0, n, -1, A, zeros, [&](const float** d, int64_t t) {
-        for (int64_t c = 0; c < g.C; c += 8)
-            sandwich(Tile<M>::BT, [&](int i, int j) { return ld(d[i * A + j] + c); },
-                     [&](int i, int j, v8 z) { st(v + ((i * A + j) * n + t) * g.C + c, z); });
+    const int64_t C = g.C, stride = n * C;  // from one position to the next
+    g.tiles<M, A>(x, C, t0, n, -1, zeros, [=](const auto& d, int64_t t) {
+        float* out = v + t * C;
+        for (int64_t c = 0; c < C; c += 8)
+            sandwich(Tile<M>::BT, [&](int i, int j) { return ld(d.at(i, j) + c); },
+                     [&](int i, int j, v8 z) { st(out + (i * A + j) * stride + c, z); });
     });
 }
 
@@ -79,11 +106,13 @@ template <int M>  // Y = A^T M A + bias
 static void output_tiles(const Geometry& g, const float* m, const float* bias, float* y, float* sink, int64_t t0,
                          int64_t n) {
     constexpr int A = M + 2;
-    g.tiles<M>(y, g.K, t0, n, 0, M, sink, [&](float** o, int64_t t) {
-        for (int64_t k = 0; k < g.K; k += 8) {
+    const int64_t K = g.K, stride = n * K;
+    g.tiles<M, M>(y, K, t0, n, 0, sink, [=](const auto& o, int64_t t) {
+        const float* in = m + t * K;
+        for (int64_t k = 0; k < K; k += 8) {
             const v8 bk = bias ? ld(bias + k) : v8{};
-            sandwich(Tile<M>::AT, [&](int i, int j) { return ld(m + ((i * A + j) * n + t) * g.K + k); },
-                     [&](int i, int j, v8 z) { st(o[i * M + j] + k, z + bk); });
+            sandwich(Tile<M>::AT, [&](int i, int j) { return ld(in + (i * A + j) * stride + k); },
+                     [&](int i, int j, v8 z) { st(o.at(i, j) + k, z + bk); });
         }
     });
 }
@@ -92,20 +121,24 @@ template <int M>  // dM = A dY A^T, the adjoint of output_tiles
 static void output_grad_tiles(const Geometry& g, const float* dy, float* dm, const float* zeros, int64_t t0,
                               int64_t n) {
     constexpr int A = M + 2;
-    g.tiles<M>(dy, g.K, t0, n, 0, M, zeros, [&](const float** e, int64_t t) {
-        for (int64_t k = 0; k < g.K; k += 8)
-            sandwich(Tile<M>::A, [&](int i, int j) { return ld(e[i * M + j] + k); },
-                     [&](int i, int j, v8 z) { st(dm + ((i * A + j) * n + t) * g.K + k, z); });
+    const int64_t K = g.K, stride = n * K;
+    g.tiles<M, M>(dy, K, t0, n, 0, zeros, [=](const auto& e, int64_t t) {
+        float* out = dm + t * K;
+        for (int64_t k = 0; k < K; k += 8)
+            sandwich(Tile<M>::A, [&](int i, int j) { return ld(e.at(i, j) + k); },
+                     [&](int i, int j, v8 z) { st(out + (i * A + j) * stride + k, z); });
     });
 }
 
 template <int M>  // dx += B dV B^T on each tile's patch, the adjoint of input_tiles
 static void input_grad_tiles(const Geometry& g, const float* dv, float* dx, float* sink, int64_t t0, int64_t n) {
     constexpr int A = M + 2;
-    g.tiles<M>(dx, g.C, t0, n, -1, A, sink, [&](float** o, int64_t t) {
-        for (int64_t c = 0; c < g.C; c += 8)
-            sandwich(Tile<M>::B, [&](int i, int j) { return ld(dv + ((i * A + j) * n + t) * g.C + c); },
-                     [&](int i, int j, v8 z) { float* p = o[i * A + j] + c; st(p, ld(p) + z); });
+    const int64_t C = g.C, stride = n * C;
+    g.tiles<M, A>(dx, C, t0, n, -1, sink, [=](const auto& o, int64_t t) {
+        const float* in = dv + t * C;
+        for (int64_t c = 0; c < C; c += 8)
+            sandwich(Tile<M>::B, [&](int i, int j) { return ld(in + (i * A + j) * stride + c); },
+                     [&](int i, int j, v8 z) { float* p = o.at(i, j) + c; st(p, ld(p) + z); });
     });
 }
 
