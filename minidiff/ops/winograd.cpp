@@ -8,6 +8,7 @@
 #include <omp.h>
 #else
 static int omp_get_thread_num() { return 0; }
+static int omp_get_max_threads() { return 1; }
 #endif
 
 typedef float v8 __attribute__((vector_size(32)));  // 8 channels: C and K are multiples of 8
@@ -219,24 +220,27 @@ static void forward(const Geometry& g, const float* x, const float* u, const flo
 }
 
 // dx (B, H, W, C; zero on entry) and dU (P, K, C) from dy (B, H, W, K), x and u_kc = U^T (P, K, C; panels): either
-// output may be null. Thread 0 sums dU in du itself (round robin gives it the first chunk, which writes rather
-// than adds), the others in their own copies, added at the end.
+// output may be null. Chunks of whole images share no input pixel and run in one pass; otherwise chunks two apart
+// share none: the even ones run first, then the odd ones. Thread 0 sums dU in du itself (round robin gives it the
+// first chunk, which writes rather than adds), the others in their own copies, added at the end.
 template <int M>
 static void backward(const Geometry& g, const float* x, const float* u_kc, const float* dy, float* dx, float* du,
                      int64_t rows) {
     constexpr int P = (M + 2) * (M + 2);
     const int64_t T = g.B * g.th * g.tw, chunk = std::min(rows * g.tw, T), chunks = (T + chunk - 1) / chunk;
+    const int passes = rows % g.th == 0 ? 1 : 2;
+    std::vector<const float*> partial(omp_get_max_threads());  // the other threads' dU, when they hold one
     #pragma omp parallel
     {
         auto v = buffer(P * chunk * g.C), dm = buffer(P * chunk * g.K);
         std::vector<float> zeros(std::max(g.C, g.K)), sink(g.C);
-        const bool own = du && omp_get_thread_num() > 0;
-        auto own_du = buffer(own ? P * g.K * g.C : 0);
-        float* acc = own ? own_du.get() : du;
+        const int thread = omp_get_thread_num();
+        auto own_du = buffer(du && thread > 0 ? P * g.K * g.C : 0);
+        float* acc = thread > 0 ? own_du.get() : du;
         bool fresh = true;  // acc holds nothing yet
-        for (int parity = 0; parity < 2; ++parity) {
+        for (int pass = 0; pass < passes; ++pass) {
             #pragma omp for schedule(static, 1)
-            for (int64_t i = parity; i < chunks; i += 2) {
+            for (int64_t i = pass; i < chunks; i += passes) {
                 const int64_t t0 = i * chunk, n = std::min(chunk, T - t0);
                 output_grad_tiles<M>(g, dy, dm.get(), zeros.data(), t0, n);
                 if (du) {
@@ -254,9 +258,15 @@ static void backward(const Geometry& g, const float* x, const float* u_kc, const
                 }
             }
         }
-        if (own && !fresh) {
-            #pragma omp critical
-            for (int64_t i = 0; i < P * g.K * g.C; ++i) du[i] += acc[i];
+        if (du) {
+            if (thread > 0 && !fresh) partial[thread] = acc;
+            #pragma omp barrier
+            #pragma omp for schedule(static)
+            for (int64_t i = 0; i < P * g.K * g.C; i += 8) {  // K C is a multiple of 64
+                v8 s = ld(du + i);
+                for (const float* q : partial) if (q) s += ld(q + i);
+                st(du + i, s);
+            }
         }
     }
 }

@@ -21,8 +21,8 @@ stay in cache: input transform, the P products, output transform. The products r
 register-blocked kernel (GCC vector extensions: 12 accumulators of 8 floats) at ~38 GF/s, where MKL's bmm
 reached ~30 at these shapes. Each transform is one template over tables written from MATRICES, unrolled so
 that zero entries cost nothing. The backward runs by chunks too and recomputes V from the input rather than
-saving it: dM = A dY A^T, dV[p] = dM[p] U[p]^T, dx += B dV B^T (chunks two apart share no input pixel: the
-even chunks run first, then the odd ones), dU[p] += dM[p]^T V[p] and dweight = G^T dU G. Everything else
+saving it: dM = A dY A^T, dV[p] = dM[p] U[p]^T, dx += B dV B^T (chunks of whole images, or two chunks apart,
+share no input pixel), dU[p] += dM[p]^T V[p] and dweight = G^T dU G. Everything else
 takes the pure-torch reference (the same math, differentiated by autograd).
 """
 from __future__ import annotations
@@ -165,9 +165,12 @@ def _reference(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, tile
 
 
 def _chunk_rows(tile: int, b: int, h: int, w: int, chunk_tiles: int) -> int:
-    """Tile rows per chunk: about ``chunk_tiles`` tiles, and with several threads at least two chunks per
-    thread (the backward runs the even chunks, then the odd ones)."""
+    """Tile rows per chunk: about ``chunk_tiles`` tiles, and work for every thread. Whole images where one
+    fits (such chunks share no pixel: the backward runs them in one pass), else at least two chunks per thread
+    (the backward runs the even chunks, then the odd ones)."""
     th, tw, threads = -(-h // tile), -(-w // tile), torch.get_num_threads()
+    if th * tw <= chunk_tiles:
+        return th * max(1, min(chunk_tiles // (th * tw), -(-b // threads)))
     return max(1, min(chunk_tiles // tw, -(-b * th // (2 * threads)) if threads > 1 else b * th))
 
 
