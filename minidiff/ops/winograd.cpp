@@ -16,6 +16,9 @@ typedef float v8u __attribute__((vector_size(32), aligned(4)));  // the same, un
 static inline v8 ld(const float* p) { return *reinterpret_cast<const v8u*>(p); }
 static inline void st(float* p, v8 v) { *reinterpret_cast<v8u*>(p) = v; }
 static std::unique_ptr<float[]> buffer(int64_t n) { return std::unique_ptr<float[]>(new float[n]); }
+// n floats or a few more: an odd number of 64-byte lines, so that the rows of a (rows, spaced(n)) array, read or
+// written together, fall in different cache sets (at a multiple of 4 KB apart they would share one)
+static int64_t spaced(int64_t n) { return 16 * ((n + 15) / 16 | 1); }
 
 template <int M> struct Tile;  // the transforms as constant tables: BT = B^T, B, G, GT = G^T, AT = A^T, A
 @TABLES@
@@ -68,7 +71,7 @@ template <typename Ptr, int S> struct Border {
 // Tile t = (b, ty, tx) of B*th*tw reads the a x a patch from row M ty - 1, column M tx - 1 (zero outside the
 // image) and owns the M x M outputs from (M ty, M tx); images NHWC. tiles() calls body(patch, t - t0) for the
 // tiles t0 <= t < t0 + n of a chunk, patch the S x S pixels from (M ty + origin, M tx + origin), each a row of ch
-// floats. A chunk's buffers hold position p of tile t at buf[(p * n + t - t0) * C + c].
+// floats. A chunk's buffers hold position p of tile t at buf[p * stride + (t - t0) * C + c].
 struct Geometry {
     int64_t B, H, W, C, K, th, tw;
     template <int M, int S, typename Ptr, typename F>
@@ -92,9 +95,10 @@ struct Geometry {
 // The transforms of a chunk's tiles; scalars are copied into the lambdas, so that the compiler keeps them in
 // registers across the stores.
 template <int M>  // V = B^T d B
-static void input_tiles(const Geometry& g, const float* x, float* v, const float* zeros, int64_t t0, int64_t n) {
+static void input_tiles(const Geometry& g, const float* x, float* v, int64_t stride, const float* zeros, int64_t t0,
+                        int64_t n) {
     constexpr int A = M + 2;
-    const int64_t C = g.C, stride = n * C;  // from one position to the next
+    const int64_t C = g.C;
     g.tiles<M, A>(x, C, t0, n, -1, zeros, [=](const auto& d, int64_t t) {
         float* out = v + t * C;
         for (int64_t c = 0; c < C; c += 8)
@@ -104,10 +108,10 @@ static void input_tiles(const Geometry& g, const float* x, float* v, const float
 }
 
 template <int M>  // Y = A^T M A + bias
-static void output_tiles(const Geometry& g, const float* m, const float* bias, float* y, float* sink, int64_t t0,
-                         int64_t n) {
+static void output_tiles(const Geometry& g, const float* m, int64_t stride, const float* bias, float* y, float* sink,
+                         int64_t t0, int64_t n) {
     constexpr int A = M + 2;
-    const int64_t K = g.K, stride = n * K;
+    const int64_t K = g.K;
     g.tiles<M, M>(y, K, t0, n, 0, sink, [=](const auto& o, int64_t t) {
         const float* in = m + t * K;
         for (int64_t k = 0; k < K; k += 8) {
@@ -119,10 +123,10 @@ static void output_tiles(const Geometry& g, const float* m, const float* bias, f
 }
 
 template <int M>  // dM = A dY A^T, the adjoint of output_tiles
-static void output_grad_tiles(const Geometry& g, const float* dy, float* dm, const float* zeros, int64_t t0,
-                              int64_t n) {
+static void output_grad_tiles(const Geometry& g, const float* dy, float* dm, int64_t stride, const float* zeros,
+                              int64_t t0, int64_t n) {
     constexpr int A = M + 2;
-    const int64_t K = g.K, stride = n * K;
+    const int64_t K = g.K;
     g.tiles<M, M>(dy, K, t0, n, 0, zeros, [=](const auto& e, int64_t t) {
         float* out = dm + t * K;
         for (int64_t k = 0; k < K; k += 8)
@@ -132,9 +136,10 @@ static void output_grad_tiles(const Geometry& g, const float* dy, float* dm, con
 }
 
 template <int M>  // dx += B dV B^T on each tile's patch, the adjoint of input_tiles
-static void input_grad_tiles(const Geometry& g, const float* dv, float* dx, float* sink, int64_t t0, int64_t n) {
+static void input_grad_tiles(const Geometry& g, const float* dv, int64_t stride, float* dx, float* sink, int64_t t0,
+                             int64_t n) {
     constexpr int A = M + 2;
-    const int64_t C = g.C, stride = n * C;
+    const int64_t C = g.C;
     g.tiles<M, A>(dx, C, t0, n, -1, sink, [=](const auto& o, int64_t t) {
         const float* in = dv + t * C;
         for (int64_t c = 0; c < C; c += 8)
@@ -205,16 +210,16 @@ static void forward(const Geometry& g, const float* x, const float* u, const flo
     const int64_t T = g.B * g.th * g.tw, chunk = std::min(rows * g.tw, T);
     #pragma omp parallel
     {
-        auto v = buffer(P * chunk * g.C), m = buffer(P * chunk * g.K);
+        const int64_t sv = spaced(chunk * g.C), sm = spaced(chunk * g.K);
+        auto v = buffer(P * sv), m = buffer(P * sm);
         std::vector<float> zeros(g.C), sink(g.K);
         #pragma omp for schedule(static)
         for (int64_t t0 = 0; t0 < T; t0 += chunk) {
             const int64_t n = std::min(chunk, T - t0);
-            input_tiles<M>(g, x, v.get(), zeros.data(), t0, n);
+            input_tiles<M>(g, x, v.get(), sv, zeros.data(), t0, n);
             for (int p = 0; p < P; ++p)
-                gemm(v.get() + p * n * g.C, g.C, 1, u + p * g.C * g.K, g.K, true, m.get() + p * n * g.K, g.K, n, g.C,
-                     g.K, false);
-            output_tiles<M>(g, m.get(), bias, y, sink.data(), t0, n);
+                gemm(v.get() + p * sv, g.C, 1, u + p * g.C * g.K, g.K, true, m.get() + p * sm, g.K, n, g.C, g.K, false);
+            output_tiles<M>(g, m.get(), sm, bias, y, sink.data(), t0, n);
         }
     }
 }
@@ -232,7 +237,8 @@ static void backward(const Geometry& g, const float* x, const float* u_kc, const
     std::vector<const float*> partial(omp_get_max_threads());  // the other threads' dU, when they hold one
     #pragma omp parallel
     {
-        auto v = buffer(P * chunk * g.C), dm = buffer(P * chunk * g.K);
+        const int64_t sv = spaced(chunk * g.C), sm = spaced(chunk * g.K);
+        auto v = buffer(P * sv), dm = buffer(P * sm);
         std::vector<float> zeros(std::max(g.C, g.K)), sink(g.C);
         const int thread = omp_get_thread_num();
         auto own_du = buffer(du && thread > 0 ? P * g.K * g.C : 0);
@@ -242,19 +248,19 @@ static void backward(const Geometry& g, const float* x, const float* u_kc, const
             #pragma omp for schedule(static, 1)
             for (int64_t i = pass; i < chunks; i += passes) {
                 const int64_t t0 = i * chunk, n = std::min(chunk, T - t0);
-                output_grad_tiles<M>(g, dy, dm.get(), zeros.data(), t0, n);
+                output_grad_tiles<M>(g, dy, dm.get(), sm, zeros.data(), t0, n);
                 if (du) {
-                    input_tiles<M>(g, x, v.get(), zeros.data(), t0, n);
+                    input_tiles<M>(g, x, v.get(), sv, zeros.data(), t0, n);
                     for (int p = 0; p < P; ++p)  // dU[p] += dM[p]^T V[p]
-                        gemm(dm.get() + p * n * g.K, 1, g.K, v.get() + p * n * g.C, g.C, false, acc + p * g.K * g.C,
-                             g.C, g.K, n, g.C, !fresh);
+                        gemm(dm.get() + p * sm, 1, g.K, v.get() + p * sv, g.C, false, acc + p * g.K * g.C, g.C, g.K,
+                             n, g.C, !fresh);
                     fresh = false;
                 }
                 if (dx) {
                     for (int p = 0; p < P; ++p)  // dV[p] = dM[p] U[p]^T, into V's buffer
-                        gemm(dm.get() + p * n * g.K, g.K, 1, u_kc + p * g.K * g.C, g.C, true, v.get() + p * n * g.C,
-                             g.C, n, g.K, g.C, false);
-                    input_grad_tiles<M>(g, v.get(), dx, sink.data(), t0, n);
+                        gemm(dm.get() + p * sm, g.K, 1, u_kc + p * g.K * g.C, g.C, true, v.get() + p * sv, g.C, n,
+                             g.K, g.C, false);
+                    input_grad_tiles<M>(g, v.get(), sv, dx, sink.data(), t0, n);
                 }
             }
         }
