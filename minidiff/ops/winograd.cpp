@@ -148,18 +148,19 @@ static void input_grad_tiles(const Geometry& g, const float* dv, int64_t stride,
     });
 }
 
-// out[p][r][s] = (L X L^T)[p] with X[q] = in[q][r][s] for each (r, s): in (Q^2, R, S) -> out (P^2, R, S). With
-// L = G: the filter transform, 3x3 -> a x a, written as `panels` for gemm (the kernels' U); with L = G^T, its
-// adjoint, row-major.
+// out[p][r][s] = (L X L^T)[p] with X[q] = in[q][r][s] for each (r, s): in (Q^2, R, S) -> out (P^2, R, S), each
+// position's (R, S) spaced(R S) floats from the last. With L = G: the filter transform, 3x3 -> a x a, written as
+// `panels` for gemm (the kernels' U); with L = G^T, its adjoint, row-major.
 template <int P, int Q>
 static void filters(const float (&L)[P][Q], const float* in, float* out, int64_t R, int64_t S, bool panels) {
+    const int64_t stride = spaced(R * S);
     #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < R; ++r)
         for (int64_t s = 0; s < S; s += 8) {
             const int64_t j = s / 16 * 16, w = std::min<int64_t>(16, S - j);
             const int64_t at = panels ? j * R + r * w + s - j : r * S + s;  // within one position's (R, S)
-            sandwich(L, [&](int i, int j) { return ld(in + ((i * Q + j) * R + r) * S + s); },
-                     [&](int i, int j, v8 z) { st(out + (i * P + j) * R * S + at, z); });
+            sandwich(L, [&](int i, int k) { return ld(in + (i * Q + k) * stride + r * S + s); },
+                     [&](int i, int k, v8 z) { st(out + (i * P + k) * stride + at, z); });
         }
 }
 
@@ -203,14 +204,15 @@ static void gemm(const float* a, int64_t rs, int64_t cs, const float* b, int64_t
     }
 }
 
-// Y (B, H, W, K) = conv(x (B, H, W, C)) + bias with u (P, C, K; gemm's panels), by chunks of `rows` tile rows
+// Y (B, H, W, K) = conv(x (B, H, W, C)) + bias with u (P, C, K) as filters() writes it, by chunks of `rows` tile
+// rows
 template <int M>
 static void forward(const Geometry& g, const float* x, const float* u, const float* bias, float* y, int64_t rows) {
     constexpr int P = (M + 2) * (M + 2);
     const int64_t T = g.B * g.th * g.tw, chunk = std::min(rows * g.tw, T);
     #pragma omp parallel
     {
-        const int64_t sv = spaced(chunk * g.C), sm = spaced(chunk * g.K);
+        const int64_t sv = spaced(chunk * g.C), sm = spaced(chunk * g.K), su = spaced(g.C * g.K);
         auto v = buffer(P * sv), m = buffer(P * sm);
         std::vector<float> zeros(g.C), sink(g.K);
         #pragma omp for schedule(static)
@@ -218,14 +220,14 @@ static void forward(const Geometry& g, const float* x, const float* u, const flo
             const int64_t n = std::min(chunk, T - t0);
             input_tiles<M>(g, x, v.get(), sv, zeros.data(), t0, n);
             for (int p = 0; p < P; ++p)
-                gemm(v.get() + p * sv, g.C, 1, u + p * g.C * g.K, g.K, true, m.get() + p * sm, g.K, n, g.C, g.K, false);
+                gemm(v.get() + p * sv, g.C, 1, u + p * su, g.K, true, m.get() + p * sm, g.K, n, g.C, g.K, false);
             output_tiles<M>(g, m.get(), sm, bias, y, sink.data(), t0, n);
         }
     }
 }
 
-// dx (B, H, W, C; zero on entry) and dU (P, K, C) from dy (B, H, W, K), x and u_kc = U^T (P, K, C; panels): either
-// output may be null. Chunks of whole images share no input pixel and run in one pass; otherwise chunks two apart
+// dx (B, H, W, C; zero on entry) and dU (P, K, C; positions spaced) from dy (B, H, W, K), x and u_kc = U^T (P, K, C)
+// as filters() writes it: either output may be null. Chunks of whole images share no input pixel and run in one pass; otherwise chunks two apart
 // share none: the even ones run first, then the odd ones. Thread 0 sums dU in du itself (round robin gives it the
 // first chunk, which writes rather than adds), the others in their own copies, added at the end.
 template <int M>
@@ -237,11 +239,11 @@ static void backward(const Geometry& g, const float* x, const float* u_kc, const
     std::vector<const float*> partial(omp_get_max_threads());  // the other threads' dU, when they hold one
     #pragma omp parallel
     {
-        const int64_t sv = spaced(chunk * g.C), sm = spaced(chunk * g.K);
+        const int64_t sv = spaced(chunk * g.C), sm = spaced(chunk * g.K), su = spaced(g.C * g.K);
         auto v = buffer(P * sv), dm = buffer(P * sm);
         std::vector<float> zeros(std::max(g.C, g.K)), sink(g.C);
         const int thread = omp_get_thread_num();
-        auto own_du = buffer(du && thread > 0 ? P * g.K * g.C : 0);
+        auto own_du = buffer(du && thread > 0 ? P * su : 0);
         float* acc = thread > 0 ? own_du.get() : du;
         bool fresh = true;  // acc holds nothing yet
         for (int pass = 0; pass < passes; ++pass) {
@@ -252,13 +254,13 @@ static void backward(const Geometry& g, const float* x, const float* u_kc, const
                 if (du) {
                     input_tiles<M>(g, x, v.get(), sv, zeros.data(), t0, n);
                     for (int p = 0; p < P; ++p)  // dU[p] += dM[p]^T V[p]
-                        gemm(dm.get() + p * sm, 1, g.K, v.get() + p * sv, g.C, false, acc + p * g.K * g.C, g.C, g.K,
+                        gemm(dm.get() + p * sm, 1, g.K, v.get() + p * sv, g.C, false, acc + p * su, g.C, g.K,
                              n, g.C, !fresh);
                     fresh = false;
                 }
                 if (dx) {
                     for (int p = 0; p < P; ++p)  // dV[p] = dM[p] U[p]^T, into V's buffer
-                        gemm(dm.get() + p * sm, g.K, 1, u_kc + p * g.K * g.C, g.C, true, v.get() + p * sv, g.C, n,
+                        gemm(dm.get() + p * sm, g.K, 1, u_kc + p * su, g.C, true, v.get() + p * sv, g.C, n,
                              g.K, g.C, false);
                     input_grad_tiles<M>(g, v.get(), sv, dx, sink.data(), t0, n);
                 }
@@ -268,7 +270,7 @@ static void backward(const Geometry& g, const float* x, const float* u_kc, const
             if (thread > 0 && !fresh) partial[thread] = acc;
             #pragma omp barrier
             #pragma omp for schedule(static)
-            for (int64_t i = 0; i < P * g.K * g.C; i += 8) {  // K C is a multiple of 64
+            for (int64_t i = 0; i < P * su; i += 8) {
                 v8 s = ld(du + i);
                 for (const float* q : partial) if (q) s += ld(q + i);
                 st(du + i, s);
@@ -291,6 +293,8 @@ extern "C" void md_winograd_backward(int m, const float* x, const float* u_kc, c
     if (m == 2) backward<2>(g, x, u_kc, dy, dx, du, rows);
     else backward<4>(g, x, u_kc, dy, dx, du, rows);
 }
+
+extern "C" int64_t md_winograd_spaced(int64_t n) { return spaced(n); }
 
 extern "C" void md_winograd_filter(int m, int adjoint, const float* in, float* out, int64_t R, int64_t S) {
     if (m == 2 && adjoint) filters(Tile<2>::GT, in, out, R, S, false);

@@ -99,6 +99,7 @@ def _library() -> ctypes.CDLL | None:
     lib.md_winograd_forward.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 6
     lib.md_winograd_backward.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 6
     lib.md_winograd_filter.argtypes = [ctypes.c_int] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
+    lib.md_winograd_spaced.argtypes, lib.md_winograd_spaced.restype = [ctypes.c_int64], ctypes.c_int64
     return lib
 
 
@@ -111,13 +112,22 @@ def _check_tile(tile: int) -> None:
         raise ValueError(f"winograd: tile must be one of {TILES}, got {tile!r}")
 
 
+def _positions(like: torch.Tensor, positions: int, rows: int, cols: int) -> torch.Tensor:
+    """An empty (positions, rows * cols) array for the kernels, its rows a little more than rows * cols apart
+    (winograd.cpp's spaced(): rows read together must not share a cache set)."""
+    stride = _library().md_winograd_spaced(rows * cols)
+    return like.new_empty(positions, stride)[:, :rows * cols]
+
+
 def _filter(weight: torch.Tensor, tile: int, transposed: bool = False) -> torch.Tensor:
     """The C++ filter transform in the kernels' layout: U (P, C, K), or U^T (P, K, C) when ``transposed``, each
-    position's matrix in 16-column panels, as a (P, rows * cols) tensor."""
+    position's matrix in 16-column panels, as a (P, rows * cols) tensor with spaced rows."""
     w = weight.detach().permute(2, 3, 0, 1) if transposed else weight.detach().permute(2, 3, 1, 0)
-    w = w.contiguous()  # (3, 3, rows, cols)
-    u = w.new_empty((tile + 2) ** 2, w.shape[2] * w.shape[3])
-    _library().md_winograd_filter(tile, 0, w.data_ptr(), u.data_ptr(), *w.shape[2:])
+    rows, cols = w.shape[2:]  # w: (3, 3, rows, cols)
+    spaced = _positions(w, 9, rows, cols)
+    spaced.view(3, 3, rows, cols).copy_(w)
+    u = _positions(w, (tile + 2) ** 2, rows, cols)
+    _library().md_winograd_filter(tile, 0, spaced.data_ptr(), u.data_ptr(), rows, cols)
     return u
 
 
@@ -197,15 +207,15 @@ class _WinogradConv(torch.autograd.Function):
         (b, h, w, c), k, lib = x.shape, weight.shape[0], _library()
         dy_nhwc = dy.permute(0, 2, 3, 1).contiguous()
         dx = x.new_zeros(x.shape) if needs[0] else None
-        du = x.new_empty((tile + 2) ** 2, k, c) if needs[1] else None  # dU^T
+        du = _positions(x, (tile + 2) ** 2, k, c) if needs[1] else None  # dU^T
         u_kc = _filter(weight, tile, transposed=True) if needs[0] else None
         lib.md_winograd_backward(tile, x.data_ptr(), _ptr(u_kc), dy_nhwc.data_ptr(), _ptr(dx), _ptr(du), b, h, w,
                                  c, k, _chunk_rows(tile, b, h, w, ctx.chunk_tiles))
         dweight = None
         if du is not None:
-            dweight = x.new_empty(3, 3, k, c)
+            dweight = _positions(x, 9, k, c)
             lib.md_winograd_filter(tile, 1, du.data_ptr(), dweight.data_ptr(), k, c)
-            dweight = dweight.permute(2, 3, 0, 1)  # (K, C, 3, 3)
+            dweight = dweight.view(3, 3, k, c).permute(2, 3, 0, 1)  # (K, C, 3, 3)
         return (None if dx is None else dx.permute(0, 3, 1, 2), dweight,
                 dy_nhwc.sum((0, 1, 2)) if needs[2] else None, None, None, None)
 
@@ -235,7 +245,9 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
             u = transform_weight(weight, tile)
         y = _reference(x, u, bias, tile)
     else:  # _WinogradConv computes the weight's gradient itself: U is only a value
-        if u is None or u.dim() != 2:
+        k, c = weight.shape[:2]
+        layout = ((tile + 2) ** 2, c * k), (_library().md_winograd_spaced(c * k), 1)
+        if u is None or (u.shape, u.stride()) != layout:
             u = _filter(weight, tile)
-        y = _WinogradConv.apply(x, weight, bias, u.detach().contiguous(), tile, chunk_tiles)
+        y = _WinogradConv.apply(x, weight, bias, u.detach(), tile, chunk_tiles)
     return y.contiguous(memory_format=memory_format(x))
