@@ -7,7 +7,8 @@ diffusers (eager, and torch.compile), on the same weights, for the real checkpoi
 Cases take turns (A, B, C, A, B, C, ...) so load changes on a shared machine hit all alike; the table
 gives the median of ``--runs`` timed calls after one warm-up round (compiled cases compile during their
 first call, reported as "first call s"). Forward: float32, no_grad, batch ``--batch_size``. Training step:
-MSE to the noise, backward, AdamW step, each case on its own copy of the weights. FLOPs come from
+MSE to the noise, backward, AdamW step, each case on its own copy of the weights: torch's default AdamW
+(as in the course) for all, plus one more case with the fused AdamW that minidiff's Trainer uses. FLOPs come from
 torch's FlopCounterMode; GFLOP/s are compared with two references timed in the same rounds: a 2048^3
 float32 matmul (torch.mm, MKL) and a 3x3 channels_last convolution (oneDNN) of a typical UNet layer.
 "diffusers compile" is ``torch.compile(model)`` with default settings; "minidiff optimize+compile" is
@@ -35,6 +36,7 @@ from minidiff.architectures import ARCHITECTURES
 ARCHS = ["ddpm-butterflies-32", "ddpm-cifar10-32", "course-mnist-28"]
 TARGET_EAGER, TARGET_FAST = 0.9, 0.6  # forward, x diffusers eager: minidiff eager, fastest minidiff.optimize
 TARGET_VS_COMPILED, TARGET_TRAIN, TARGET_PEAK = 0.85, 0.7, 0.8
+FUSED_CASE = "minidiff optimize+winograd, fused AdamW"  # the training step as minidiff's Trainer runs it
 
 
 class CourseClassConditioned(nn.Module):
@@ -151,10 +153,11 @@ def train_results(arch: str, models: dict[str, nn.Module], args: argparse.Namesp
     noise = torch.randn_like(x)
     names = [n for n in models if args.compile_train or "compile" not in n]
     fns = {}
-    for name in names:
+    cases = [(name, name, False) for name in names] + [(FUSED_CASE, "minidiff optimize+winograd", True)]
+    for case, name, fused in cases:  # fused: the AdamW of minidiff's Trainer, one kernel for all parameters
         model = copy.deepcopy(models[name]).train() if "compile" not in name else models[name].train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        fns[name] = lambda m=model, o=optimizer: train_step(m, o, x, t, noise, labels)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+        fns[case] = lambda m=model, o=optimizer: train_step(m, o, x, t, noise, labels)
     flops = common.count_flops(lambda: models["minidiff eager"](x, t, **labels).square().mean().backward())
     first, _ = first_calls(fns)
     times = common.time_interleaved(fns, args.runs)
@@ -194,8 +197,11 @@ def target_lines(arch: str, fwd: dict[str, Any], train: dict[str, Any] | None) -
           / fwd["peak_gflops"]["matmul 2048^3"], TARGET_PEAK, at_least=True)
     if train is not None:
         tms = train["median_ms"]
-        best = min(v for k, v in tms.items() if k.startswith("minidiff"))
-        check("fastest minidiff training step / diffusers eager", best / tms["diffusers eager"], TARGET_TRAIN)
+        best = min(v for k, v in tms.items() if k.startswith("minidiff") and k != FUSED_CASE)
+        check("fastest minidiff training step / diffusers eager, same AdamW", best / tms["diffusers eager"],
+              TARGET_TRAIN)
+        check("minidiff training step with its Trainer's fused AdamW / diffusers eager",
+              tms[FUSED_CASE] / tms["diffusers eager"], TARGET_TRAIN)
     return lines
 
 

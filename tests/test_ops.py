@@ -223,6 +223,24 @@ def test_attention_equals_reference_and_explicit_math(heads, lk):
         ops.attention(q, k[:, :, :8], v, heads)
 
 
+@needs_cpu_kernels
+@pytest.mark.parametrize("d", cpu.ATTENTION_HEAD_DIMS)
+@pytest.mark.parametrize("batch, heads, lq, lk", [(2, 3, 13, 13), (1, 2, 4, 21), (3, 1, 9, 1), (2, 4, 33, 8)])
+def test_cpu_attention_kernel_equals_reference_with_gradients(d, batch, heads, lq, lk):
+    """Queries not a multiple of the kernel's block of 4, keys not of its 8 lanes, one key, cross-attention."""
+    g = torch.Generator().manual_seed(lq * lk + d)
+    q = (torch.randn(batch, lq, heads * d, generator=g) * 2).requires_grad_()
+    k, v = ((torch.randn(batch, lk, heads * d, generator=g) * 2).requires_grad_() for _ in range(2))
+    out, want = ops.attention(q, k, v, heads), reference.attention(q, k, v, heads)
+    assert type(out.grad_fn).__name__ == "AttentionBackward"  # the kernel ran
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(ops.attention(q, k, v, heads), want, rtol=1e-5, atol=1e-5)
+    dout = torch.randn(out.shape, generator=g)
+    for ours, ref in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(want, (q, k, v), dout)):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5 * max(ref.abs().max().item(), 1.0))
+
+
 def _update_inputs(dtype=torch.float32):
     g = torch.Generator().manual_seed(1)
     return [torch.randn(2, 3, 8, 8, generator=g).to(dtype) for _ in range(3)]

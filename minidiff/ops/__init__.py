@@ -11,7 +11,8 @@ Autograd: whenever autograd records (grad enabled and an input requires grad) th
 differentiable reference, and so does ``group_norm_act``, except float32 on the CPU path ("auto" or "cpu"),
 which has a C++ backward (cpu.GroupNormAct). A kernel also defers to the reference
 for what it does not implement (gelu/mish, float16 on CPU, a compiler missing). ``attention`` is
-F.scaled_dot_product_attention on every backend but "reference" (it has its own backward).
+F.scaled_dot_product_attention on every backend but "reference", except float32 CPU heads of 8 or 16
+channels on the CPU path, which take the C++ kernels (cpu.Attention, with their own backward).
 """
 from __future__ import annotations
 
@@ -133,6 +134,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> 
     if _backend == "reference":
         return reference.attention(q, k, v, heads)
     reference.check_attention_args(q, k, v, heads)
+    if _backend in ("auto", "cpu") and cpu.supports_attention(q, k, v, heads):
+        return cpu.Attention.apply(q.contiguous(), k.contiguous(), v.contiguous(), heads)
     batch, length, channels = q.shape
 
     def split(t: torch.Tensor) -> torch.Tensor:  # (B, L, C) -> (B, heads, L, d)

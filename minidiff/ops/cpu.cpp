@@ -30,9 +30,9 @@ static inline void store8(bf16* p, v8 v) {  // as store(bf16*, float), lane by l
     std::memcpy(p, &h, sizeof h);
 }
 
-// 1 + exp(v) with exp(v) = 2^n 2^f, n = round(v log2 e) (by the 1.5 * 2^23 trick), |f| <= 1/2, and a
-// degree-5 minimax polynomial for 2^f (rel. error 1.4e-7): libm's expf does not vectorise.
-static inline v8 one_plus_exp(v8 v) {
+// exp(v) = 2^n 2^f, n = round(v log2 e) (by the 1.5 * 2^23 trick), |f| <= 1/2, and a degree-5 minimax
+// polynomial for 2^f (rel. error 1.4e-7), v clamped to +-126 / log2 e: libm's expf does not vectorise.
+static inline v8 exp8(v8 v) {
     v8 t = v * 1.44269504088896341f;
     t = t < -126.0f ? v8{} - 126.0f : t;
     t = t > 126.0f ? v8{} + 126.0f : t;
@@ -41,8 +41,10 @@ static inline v8 one_plus_exp(v8 v) {
     const v8 p = (1.0000001192f + 6.9314694404e-1f * f) + f2 * ((2.4022121727e-1f + 5.5507425219e-2f * f)
                  + f2 * (9.6754599363e-3f + 1.3266970636e-3f * f));
     const v8i scale = ((v8i)shifted - 0x4B400000 + 127) << 23;  // 2^n as float bits
-    return p * (v8)scale + 1.0f;
+    return p * (v8)scale;
 }
+
+static inline v8 one_plus_exp(v8 v) { return exp8(v) + 1.0f; }
 
 template <int ACT> static inline v8 activate(v8 v) {
     if (ACT == 1) return v / one_plus_exp(-v);  // SiLU
@@ -404,4 +406,180 @@ extern "C" void md_scheduler_update(int bf, const void* x, const void* m, const 
                                     float sigma) {
     if (bf) scheduler_update<bf16>(x, m, noise, prev, x0, n, cx, cm, clip, p0, px, pm, sigma);
     else scheduler_update<float>(x, m, noise, prev, x0, n, cx, cm, clip, p0, px, pm, sigma);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Attention with narrow heads: o = softmax(q k^T scale) v for each (batch, head), heads of d = 8 D channels;
+// q and o (B, Lq, C), k and v (B, Lk, C), head h in channels [h d, h d + d). One task per (batch, head): the
+// head's keys (and values, for the backward) transposed into (d, n8) copies, n8 = Lk rounded up to 8 with zeros,
+// so that scores come 8 keys at a time; QB queries share each load. lse (B, heads, Lq): each score row's
+// log-sum-exp, saved by the forward for the backward, which recomputes the probabilities from it
+// (FlashAttention-2's backward: dS = P (dP - rowsum(dO o)), dQ = dS K scale, dK = dS^T Q scale, dV = P^T dO).
+constexpr int QB = 4;
+struct Heads { int64_t B, heads, Lq, Lk, C; float scale; };
+
+static inline v8 vmax(v8 a, v8 b) { return a > b ? a : b; }
+static inline float hmax(v8 v) { float m = v[0]; for (int i = 1; i < 8; ++i) m = std::max(m, v[i]); return m; }
+static inline float hsum(v8 v) { float s = 0.0f; for (int i = 0; i < 8; ++i) s += v[i]; return s; }
+
+template <int D>  // t (8 D, n8) = the head's n rows of x (row stride C), transposed; zeros beyond n
+static void transpose_head(const float* x, int64_t C, int64_t n, int64_t n8, float* t) {
+    for (int c = 0; c < 8 * D; ++c) {
+        for (int64_t j = 0; j < n; ++j) t[c * n8 + j] = x[j * C + c];
+        std::fill(t + c * n8 + n, t + (c + 1) * n8, 0.0f);
+    }
+}
+
+template <int D>  // s[r][j] = scale (a_r . t[:, j]) for QB rows a_r (8 D floats each); -inf for j >= n
+static void row_products(const float* const* a, const float* t, int64_t n, int64_t n8, float scale, float* s) {
+    for (int64_t j = 0; j < n8; j += 8) {
+        v8 acc[QB] = {};
+        for (int c = 0; c < 8 * D; ++c) {
+            const v8 tc = load8(t + c * n8 + j);
+            for (int r = 0; r < QB; ++r) acc[r] += a[r][c] * tc;
+        }
+        for (int r = 0; r < QB; ++r) store8(s + r * n8 + j, acc[r] * scale);
+    }
+    for (int r = 0; r < QB; ++r) std::fill(s + r * n8 + n, s + (r + 1) * n8, -INFINITY);
+}
+
+template <int D>  // rows[r] = x's row i0 + r at the head (the last row again past nq rows)
+static void block_rows(const float* x, int64_t C, int64_t i0, int nq, const float** rows) {
+    for (int r = 0; r < QB; ++r) rows[r] = x + (i0 + std::min(r, nq - 1)) * C;
+}
+
+template <int D>
+static void attention_forward(const Heads& a, const float* q, const float* k, const float* v, float* o,
+                              float* lse) {
+    const int64_t n8 = (a.Lk + 7) / 8 * 8;
+    #pragma omp parallel
+    {
+        std::vector<float> kt(8 * D * n8), s(QB * n8);
+        #pragma omp for schedule(static)
+        for (int64_t task = 0; task < a.B * a.heads; ++task) {
+            const int64_t b = task / a.heads, head = 8 * D * (task % a.heads);
+            const float *qb = q + b * a.Lq * a.C + head, *vb = v + b * a.Lk * a.C + head;
+            transpose_head<D>(k + b * a.Lk * a.C + head, a.C, a.Lk, n8, kt.data());
+            for (int64_t i0 = 0; i0 < a.Lq; i0 += QB) {
+                const int nq = (int)std::min<int64_t>(QB, a.Lq - i0);
+                const float* qr[QB];
+                block_rows<D>(qb, a.C, i0, nq, qr);
+                row_products<D>(qr, kt.data(), a.Lk, n8, a.scale, s.data());
+                float m[QB], l[QB];
+                for (int r = 0; r < QB; ++r) {  // s <- exp(s - max), l = its sum
+                    float* sr = s.data() + r * n8;
+                    v8 mx = load8(sr);
+                    for (int64_t j = 8; j < n8; j += 8) mx = vmax(mx, load8(sr + j));
+                    m[r] = hmax(mx);
+                    v8 sum = {};
+                    for (int64_t j = 0; j < n8; j += 8) {
+                        const v8 p = exp8(load8(sr + j) - m[r]);
+                        store8(sr + j, p);
+                        sum += p;
+                    }
+                    l[r] = hsum(sum);
+                }
+                v8 acc[QB][D] = {};
+                for (int64_t j = 0; j < a.Lk; ++j) {
+                    v8 vj[D];
+                    for (int c = 0; c < D; ++c) vj[c] = load8(vb + j * a.C + 8 * c);
+                    for (int r = 0; r < QB; ++r)
+                        for (int c = 0; c < D; ++c) acc[r][c] += s[r * n8 + j] * vj[c];
+                }
+                for (int r = 0; r < nq; ++r) {
+                    float* orow = o + (b * a.Lq + i0 + r) * a.C + head;
+                    for (int c = 0; c < D; ++c) store8(orow + 8 * c, acc[r][c] / l[r]);
+                    if (lse) lse[task * a.Lq + i0 + r] = m[r] + std::log(l[r]);
+                }
+            }
+        }
+    }
+}
+
+template <int D>
+static void attention_backward(const Heads& a, const float* q, const float* k, const float* v, const float* o,
+                               const float* dout, const float* lse, float* dq, float* dk, float* dv) {
+    const int64_t n8 = (a.Lk + 7) / 8 * 8;
+    #pragma omp parallel
+    {
+        std::vector<float> kt(8 * D * n8), vt(8 * D * n8), p(QB * n8), ds(QB * n8), dkh(a.Lk * 8 * D),
+            dvh(a.Lk * 8 * D);
+        #pragma omp for schedule(static)
+        for (int64_t task = 0; task < a.B * a.heads; ++task) {
+            const int64_t b = task / a.heads, head = 8 * D * (task % a.heads);
+            const float *qb = q + b * a.Lq * a.C + head, *ob = o + b * a.Lq * a.C + head;
+            const float *db = dout + b * a.Lq * a.C + head, *kb = k + b * a.Lk * a.C + head;
+            transpose_head<D>(kb, a.C, a.Lk, n8, kt.data());
+            transpose_head<D>(v + b * a.Lk * a.C + head, a.C, a.Lk, n8, vt.data());
+            std::fill(dkh.begin(), dkh.end(), 0.0f);
+            std::fill(dvh.begin(), dvh.end(), 0.0f);
+            for (int64_t i0 = 0; i0 < a.Lq; i0 += QB) {
+                const int nq = (int)std::min<int64_t>(QB, a.Lq - i0);
+                const float *qr[QB], *orow[QB], *dr[QB];
+                block_rows<D>(qb, a.C, i0, nq, qr);
+                block_rows<D>(ob, a.C, i0, nq, orow);
+                block_rows<D>(db, a.C, i0, nq, dr);
+                row_products<D>(qr, kt.data(), a.Lk, n8, a.scale, p.data());  // scores
+                row_products<D>(dr, vt.data(), a.Lk, n8, 1.0f, ds.data());    // dP = dO V^T
+                v8 qv[QB][D], dv_[QB][D], dqa[QB][D] = {};
+                for (int r = 0; r < QB; ++r) {
+                    const bool real = r < nq;  // rows past nq repeat the last one: they must add nothing
+                    const float lr = lse[task * a.Lq + i0 + std::min(r, nq - 1)];
+                    v8 dot = {};
+                    for (int c = 0; c < D; ++c) {
+                        qv[r][c] = load8(qr[r] + 8 * c);
+                        dv_[r][c] = real ? load8(dr[r] + 8 * c) : v8{};
+                        dot += dv_[r][c] * load8(orow[r] + 8 * c);
+                    }
+                    const float delta = hsum(dot);
+                    float *pr = p.data() + r * n8, *sr = ds.data() + r * n8;
+                    for (int64_t j = 0; j < n8; j += 8) {  // P = exp(S - lse); dS = P (dP - delta) scale
+                        const v8 pj = real ? exp8(load8(pr + j) - lr) : v8{};
+                        store8(pr + j, pj);
+                        store8(sr + j, pj * (load8(sr + j) - delta) * a.scale);
+                    }
+                }
+                for (int64_t j = 0; j < a.Lk; ++j) {
+                    float* dkj = dkh.data() + j * 8 * D;
+                    float* dvj = dvh.data() + j * 8 * D;
+                    for (int c = 0; c < D; ++c) {
+                        const v8 kjc = load8(kb + j * a.C + 8 * c);
+                        v8 dkc = load8(dkj + 8 * c), dvc = load8(dvj + 8 * c);
+                        for (int r = 0; r < QB; ++r) {
+                            const float sj = ds[r * n8 + j], pj = p[r * n8 + j];
+                            dqa[r][c] += sj * kjc;
+                            dkc += sj * qv[r][c];
+                            dvc += pj * dv_[r][c];
+                        }
+                        store8(dkj + 8 * c, dkc);
+                        store8(dvj + 8 * c, dvc);
+                    }
+                }
+                for (int r = 0; r < nq; ++r)
+                    for (int c = 0; c < D; ++c) store8(dq + (b * a.Lq + i0 + r) * a.C + head + 8 * c, dqa[r][c]);
+            }
+            for (int64_t j = 0; j < a.Lk; ++j)
+                for (int c = 0; c < 8 * D; ++c) {
+                    dk[(b * a.Lk + j) * a.C + head + c] = dkh[j * 8 * D + c];
+                    dv[(b * a.Lk + j) * a.C + head + c] = dvh[j * 8 * D + c];
+                }
+        }
+    }
+}
+
+#define HEAD_DIMS(CALL) if (d == 8) CALL(1); else CALL(2);  // ops/cpu.py's ATTENTION_HEAD_DIMS
+
+extern "C" void md_attention(int64_t d, const float* q, const float* k, const float* v, float* o, float* lse,
+                             int64_t B, int64_t heads, int64_t Lq, int64_t Lk, float scale) {
+    const Heads a{B, heads, Lq, Lk, heads * d, scale};
+#define FORWARD(D) attention_forward<D>(a, q, k, v, o, lse)
+    HEAD_DIMS(FORWARD)
+}
+
+extern "C" void md_attention_backward(int64_t d, const float* q, const float* k, const float* v, const float* o,
+                                      const float* dout, const float* lse, float* dq, float* dk, float* dv,
+                                      int64_t B, int64_t heads, int64_t Lq, int64_t Lk, float scale) {
+    const Heads a{B, heads, Lq, Lk, heads * d, scale};
+#define BACKWARD(D) attention_backward<D>(a, q, k, v, o, dout, lse, dq, dk, dv)
+    HEAD_DIMS(BACKWARD)
 }
