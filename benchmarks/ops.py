@@ -24,7 +24,10 @@ from minidiff import ops
 from minidiff.files import write_json
 
 GN_SHAPES = [(8, 128, 32, 32), (8, 256, 16, 16), (8, 64, 64, 64)]
-ATTENTION_CASES = [((8, 256, 256), 1), ((8, 256, 256), 8), ((8, 1024, 128), 1)]
+# (B, tokens, channels), heads: cifar10's one wide head, heads of 32, and of 8 (the course UNet at 14x14,
+# butterflies at 16x16)
+ATTENTION_CASES = [((8, 256, 256), 1), ((8, 256, 256), 8), ((8, 1024, 128), 1), ((8, 196, 64), 8),
+                   ((8, 256, 256), 32)]
 UPDATE_SHAPES = [(16, 3, 64, 64), (8, 4, 64, 64)]
 
 
@@ -67,6 +70,15 @@ def _other_cases(device: str) -> list[tuple[str, str, Callable[[], object]]]:
     for shape, heads in ATTENTION_CASES:
         q, k, v = (torch.randn(shape, device=device) for _ in range(3))
         cases.append((f"attention heads={heads}", str(shape), lambda q=q, k=k, v=v, h=heads: ops.attention(q, k, v, h)))
+    if device == "cpu":  # training, heads of 8: the C++ backward vs autograd through the reference
+        shape, heads = ATTENTION_CASES[3]
+        leaves = [torch.randn(shape).requires_grad_() for _ in range(3)]
+        dout = torch.randn(shape)
+
+        def attention_fwd_bwd() -> None:
+            with torch.enable_grad():
+                torch.autograd.grad(ops.attention(*leaves, heads), leaves, dout)
+        cases.append((f"attention heads={heads} fwd+bwd", str(shape), attention_fwd_bwd))
     for shape in UPDATE_SHAPES:
         x, m, n = (torch.randn(shape, device=device) for _ in range(3))
         cases.append(("ddim_update eps clip eta=1", str(shape),

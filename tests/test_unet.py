@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import minidiff
 from minidiff.architectures import ARCHITECTURES
@@ -83,6 +84,25 @@ def test_cross_attention_options_and_class_tokens(seeded):
     y = torch.tensor([1, 8])
     with torch.no_grad():
         _close(unet(x, 10, class_labels=y), ref(x, 10, encoder_hidden_states=unet.class_embedding(y)[:, None]).sample)
+
+
+@pytest.mark.parametrize("name", ["ddpm-butterflies-32", "small-cross-attention"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_every_convolution_sees_the_input_memory_format(name, memory_format, seeded):
+    """A convolution given the other layout than its weight's makes oneDNN convert the weight at every call
+    (an attention residual summed in the tokens' layout did that: 8 ms per butterflies forward)."""
+    unet = random_unet(ARCHITECTURES[name]).eval()
+    if memory_format == torch.channels_last:
+        unet = unet.to(memory_format=memory_format)
+    inputs = []
+    for conv in (m for m in unet.modules() if isinstance(m, nn.Conv2d)):
+        conv.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    c = unet.config
+    x = torch.randn(1, c.in_channels, 16, 16).contiguous(memory_format=memory_format)
+    context = {"encoder_hidden_states": torch.randn(1, 3, c.cross_attention_dim)} if c.cross_attention_dim else {}
+    with torch.no_grad():
+        unet(x, 10, **context)
+    assert inputs and all(t.is_contiguous(memory_format=memory_format) for t in inputs)
 
 
 def test_timestep_forms_agree(seeded):

@@ -26,8 +26,13 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(dropout)])
 
     def attend(self, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        context = h if context is None else context
-        out = attention(self.to_q(h), self.to_k(context), self.to_v(context), self.heads)  # (B, L, C)
+        if context is None:  # self-attention: one product for q, k and v (the ops read the three slices)
+            projections = (self.to_q, self.to_k, self.to_v)
+            bias = None if self.to_q.bias is None else torch.cat([p.bias for p in projections])
+            q, k, v = F.linear(h, torch.cat([p.weight for p in projections]), bias).chunk(3, dim=-1)
+        else:
+            q, k, v = self.to_q(h), self.to_k(context), self.to_v(context)
+        out = attention(q, k, v, self.heads)  # (B, L, C)
         return self.to_out[1](self.to_out[0](out))
 
 
@@ -44,7 +49,7 @@ class SpatialSelfAttention(Attention):
         height = x.shape[2]  # context is unused: the signature matches Transformer2D's
         h = norm_act(self.group_norm, x, "none") if self.group_norm is not None else x
         h = self.attend(rearrange(h, "b c h w -> b (h w) c"))
-        out = rearrange(h, "b (h w) c -> b c h w", h=height) + x
+        out = x + rearrange(h, "b (h w) c -> b c h w", h=height)  # x first: the sum keeps x's memory format
         return out if self.rescale_output_factor == 1 else out / self.rescale_output_factor
 
 
@@ -113,5 +118,6 @@ class Transformer2D(nn.Module):
         h = self.proj_in(to_tokens(h)) if self.linear else to_tokens(self.proj_in(h))
         for block in self.transformer_blocks:
             h = block(h, context)  # (B, H*W, C)
-        h = to_map(self.proj_out(h)) if self.linear else self.proj_out(to_map(h))
-        return h + x
+        # proj_out on the tokens: a 1x1 convolution is the same linear map, and the map stays in x's layout
+        h = to_map(F.linear(h, self.proj_out.weight.flatten(1), self.proj_out.bias))
+        return x + h  # x first: the sum keeps x's memory format

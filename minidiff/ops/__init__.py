@@ -135,7 +135,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> 
         return reference.attention(q, k, v, heads)
     reference.check_attention_args(q, k, v, heads)
     if _backend in ("auto", "cpu") and cpu.supports_attention(q, k, v, heads):
-        return cpu.Attention.apply(q.contiguous(), k.contiguous(), v.contiguous(), heads)
+        return cpu.Attention.apply(q, k, v, heads)
     batch, length, channels = q.shape
 
     def split(t: torch.Tensor) -> torch.Tensor:  # (B, L, C) -> (B, heads, L, d)

@@ -410,13 +410,14 @@ extern "C" void md_scheduler_update(int bf, const void* x, const void* m, const 
 
 // ---------------------------------------------------------------------------------------------------------------
 // Attention with narrow heads: o = softmax(q k^T scale) v for each (batch, head), heads of d = 8 D channels;
-// q and o (B, Lq, C), k and v (B, Lk, C), head h in channels [h d, h d + d). One task per (batch, head): the
+// q and o (B, Lq, C), k and v (B, Lk, C), head h in channels [h d, h d + d); q, k and v may have longer rows
+// (ldq, ldk, ldv floats: slices of one q|k|v projection), o, dout and the gradients are contiguous. One task per (batch, head): the
 // head's keys (and values, for the backward) transposed into (d, n8) copies, n8 = Lk rounded up to 8 with zeros,
 // so that scores come 8 keys at a time; QB queries share each load. lse (B, heads, Lq): each score row's
 // log-sum-exp, saved by the forward for the backward, which recomputes the probabilities from it
 // (FlashAttention-2's backward: dS = P (dP - rowsum(dO o)), dQ = dS K scale, dK = dS^T Q scale, dV = P^T dO).
 constexpr int QB = 4;
-struct Heads { int64_t B, heads, Lq, Lk, C; float scale; };
+struct Heads { int64_t B, heads, Lq, Lk, C, ldq, ldk, ldv; float scale; };  // ld: q, k, v's row strides
 
 static inline v8 vmax(v8 a, v8 b) { return a > b ? a : b; }
 static inline float hmax(v8 v) { float m = v[0]; for (int i = 1; i < 8; ++i) m = std::max(m, v[i]); return m; }
@@ -458,12 +459,12 @@ static void attention_forward(const Heads& a, const float* q, const float* k, co
         #pragma omp for schedule(static)
         for (int64_t task = 0; task < a.B * a.heads; ++task) {
             const int64_t b = task / a.heads, head = 8 * D * (task % a.heads);
-            const float *qb = q + b * a.Lq * a.C + head, *vb = v + b * a.Lk * a.C + head;
-            transpose_head<D>(k + b * a.Lk * a.C + head, a.C, a.Lk, n8, kt.data());
+            const float *qb = q + b * a.Lq * a.ldq + head, *vb = v + b * a.Lk * a.ldv + head;
+            transpose_head<D>(k + b * a.Lk * a.ldk + head, a.ldk, a.Lk, n8, kt.data());
             for (int64_t i0 = 0; i0 < a.Lq; i0 += QB) {
                 const int nq = (int)std::min<int64_t>(QB, a.Lq - i0);
                 const float* qr[QB];
-                block_rows<D>(qb, a.C, i0, nq, qr);
+                block_rows<D>(qb, a.ldq, i0, nq, qr);
                 row_products<D>(qr, kt.data(), a.Lk, n8, a.scale, s.data());
                 float m[QB], l[QB];
                 for (int r = 0; r < QB; ++r) {  // s <- exp(s - max), l = its sum
@@ -482,7 +483,7 @@ static void attention_forward(const Heads& a, const float* q, const float* k, co
                 v8 acc[QB][D] = {};
                 for (int64_t j = 0; j < a.Lk; ++j) {
                     v8 vj[D];
-                    for (int c = 0; c < D; ++c) vj[c] = load8(vb + j * a.C + 8 * c);
+                    for (int c = 0; c < D; ++c) vj[c] = load8(vb + j * a.ldv + 8 * c);
                     for (int r = 0; r < QB; ++r)
                         for (int c = 0; c < D; ++c) acc[r][c] += s[r * n8 + j] * vj[c];
                 }
@@ -507,16 +508,16 @@ static void attention_backward(const Heads& a, const float* q, const float* k, c
         #pragma omp for schedule(static)
         for (int64_t task = 0; task < a.B * a.heads; ++task) {
             const int64_t b = task / a.heads, head = 8 * D * (task % a.heads);
-            const float *qb = q + b * a.Lq * a.C + head, *ob = o + b * a.Lq * a.C + head;
-            const float *db = dout + b * a.Lq * a.C + head, *kb = k + b * a.Lk * a.C + head;
-            transpose_head<D>(kb, a.C, a.Lk, n8, kt.data());
-            transpose_head<D>(v + b * a.Lk * a.C + head, a.C, a.Lk, n8, vt.data());
+            const float *qb = q + b * a.Lq * a.ldq + head, *ob = o + b * a.Lq * a.C + head;
+            const float *db = dout + b * a.Lq * a.C + head, *kb = k + b * a.Lk * a.ldk + head;
+            transpose_head<D>(kb, a.ldk, a.Lk, n8, kt.data());
+            transpose_head<D>(v + b * a.Lk * a.ldv + head, a.ldv, a.Lk, n8, vt.data());
             std::fill(dkh.begin(), dkh.end(), 0.0f);
             std::fill(dvh.begin(), dvh.end(), 0.0f);
             for (int64_t i0 = 0; i0 < a.Lq; i0 += QB) {
                 const int nq = (int)std::min<int64_t>(QB, a.Lq - i0);
                 const float *qr[QB], *orow[QB], *dr[QB];
-                block_rows<D>(qb, a.C, i0, nq, qr);
+                block_rows<D>(qb, a.ldq, i0, nq, qr);
                 block_rows<D>(ob, a.C, i0, nq, orow);
                 block_rows<D>(db, a.C, i0, nq, dr);
                 row_products<D>(qr, kt.data(), a.Lk, n8, a.scale, p.data());  // scores
@@ -543,7 +544,7 @@ static void attention_backward(const Heads& a, const float* q, const float* k, c
                     float* dkj = dkh.data() + j * 8 * D;
                     float* dvj = dvh.data() + j * 8 * D;
                     for (int c = 0; c < D; ++c) {
-                        const v8 kjc = load8(kb + j * a.C + 8 * c);
+                        const v8 kjc = load8(kb + j * a.ldk + 8 * c);
                         v8 dkc = load8(dkj + 8 * c), dvc = load8(dvj + 8 * c);
                         for (int r = 0; r < QB; ++r) {
                             const float sj = ds[r * n8 + j], pj = p[r * n8 + j];
@@ -570,16 +571,18 @@ static void attention_backward(const Heads& a, const float* q, const float* k, c
 #define HEAD_DIMS(CALL) if (d == 8) CALL(1); else CALL(2);  // ops/cpu.py's ATTENTION_HEAD_DIMS
 
 extern "C" void md_attention(int64_t d, const float* q, const float* k, const float* v, float* o, float* lse,
-                             int64_t B, int64_t heads, int64_t Lq, int64_t Lk, float scale) {
-    const Heads a{B, heads, Lq, Lk, heads * d, scale};
+                             int64_t B, int64_t heads, int64_t Lq, int64_t Lk, int64_t ldq, int64_t ldk, int64_t ldv,
+                             float scale) {
+    const Heads a{B, heads, Lq, Lk, heads * d, ldq, ldk, ldv, scale};
 #define FORWARD(D) attention_forward<D>(a, q, k, v, o, lse)
     HEAD_DIMS(FORWARD)
 }
 
 extern "C" void md_attention_backward(int64_t d, const float* q, const float* k, const float* v, const float* o,
                                       const float* dout, const float* lse, float* dq, float* dk, float* dv,
-                                      int64_t B, int64_t heads, int64_t Lq, int64_t Lk, float scale) {
-    const Heads a{B, heads, Lq, Lk, heads * d, scale};
+                                      int64_t B, int64_t heads, int64_t Lq, int64_t Lk, int64_t ldq, int64_t ldk,
+                                      int64_t ldv, float scale) {
+    const Heads a{B, heads, Lq, Lk, heads * d, ldq, ldk, ldv, scale};
 #define BACKWARD(D) attention_backward<D>(a, q, k, v, o, dout, lse, dq, dk, dv)
     HEAD_DIMS(BACKWARD)
 }

@@ -107,8 +107,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.md_group_norm_act.argtypes = [i32, i32, i32, ptr, ptr] + [ptr] * 5 + [i64] * 4 + [f32]
     lib.md_scheduler_update.argtypes = [i32] + [ptr] * 5 + [i64] + [f32] * 7
     lib.md_group_norm_act_backward.argtypes = [i32, i32] + [ptr] * 13 + [i64] * 4 + [f32]
-    lib.md_attention.argtypes = [i64] + [ptr] * 5 + [i64] * 4 + [f32]
-    lib.md_attention_backward.argtypes = [i64] + [ptr] * 9 + [i64] * 4 + [f32]
+    lib.md_attention.argtypes = [i64] + [ptr] * 5 + [i64] * 7 + [f32]
+    lib.md_attention_backward.argtypes = [i64] + [ptr] * 9 + [i64] * 7 + [f32]
     for fn in (lib.md_group_norm_act, lib.md_scheduler_update, lib.md_group_norm_act_backward, lib.md_attention,
                lib.md_attention_backward):
         fn.restype = None
@@ -201,23 +201,28 @@ def supports_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads:
             and _load() is not None)
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, lse: torch.Tensor | None
-               ) -> torch.Tensor:
-    (batch, lq, channels), lk = q.shape, k.shape[1]
-    o = torch.empty_like(q)
-    _load().md_attention(channels // heads, _ptr(q), _ptr(k), _ptr(v), _ptr(o), _ptr(lse), batch, heads, lq, lk,
-                         (channels // heads) ** -0.5)
-    return o
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t (B, L, C) as the kernels read it: unit channel stride and a batch stride of L rows (a slice of a
+    q|k|v projection is one), else a contiguous copy."""
+    return t if t.stride(2) == 1 and t.stride(0) == t.shape[1] * t.stride(1) else t.contiguous()
+
+
+def _attention_call(fn, q: torch.Tensor, k: torch.Tensor, heads: int, *tensors: torch.Tensor | None) -> None:
+    """md_attention(_backward)(d, *tensors, B, heads, Lq, Lk, ldq, ldk, ldv, scale) for q (B, Lq, C), k (B, Lk, .)."""
+    (batch, lq, channels), d = q.shape, q.shape[2] // heads
+    fn(d, *map(_ptr, tensors), batch, heads, lq, k.shape[1], *(t.stride(1) for t in tensors[:3]), d ** -0.5)
 
 
 class Attention(torch.autograd.Function):
-    """softmax(Q K^T / sqrt(d)) V per head on validated, contiguous (B, L, C) inputs (cpu.cpp: md_attention;
-    the backward recomputes the probabilities from the saved row log-sum-exps)."""
+    """softmax(Q K^T / sqrt(d)) V per head on validated (B, L, C) inputs (cpu.cpp: md_attention; the
+    backward recomputes the probabilities from the saved row log-sum-exps)."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+        q, k, v = map(_rows, (q, k, v))
+        o = q.new_empty(q.shape)
         lse = q.new_empty(q.shape[0], heads, q.shape[1]) if any(ctx.needs_input_grad) else None
-        o = _attention(q, k, v, heads, lse)
+        _attention_call(_load().md_attention, q, k, heads, q, k, v, o, lse)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.heads = heads
         return o
@@ -226,9 +231,7 @@ class Attention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout: torch.Tensor):
         q, k, v, o, lse = ctx.saved_tensors
-        (batch, lq, channels), lk, heads = q.shape, k.shape[1], ctx.heads
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        _load().md_attention_backward(channels // heads, *map(_ptr, (q, k, v, o, dout.contiguous(), lse, dq, dk,
-                                                                     dv)),
-                                      batch, heads, lq, lk, (channels // heads) ** -0.5)
+        dq, dk, dv = (t.new_empty(t.shape) for t in (q, k, v))
+        _attention_call(_load().md_attention_backward, q, k, ctx.heads, q, k, v, o, dout.contiguous(), lse, dq,
+                        dk, dv)
         return dq, dk, dv, None
