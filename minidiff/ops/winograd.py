@@ -16,14 +16,18 @@ multiples. Larger tiles cost precision: F(4x4, 3x3)'s matrices (points 0, +-1, +
 
 Why: on the CPU, oneDNN's direct 3x3 convolution already runs near the FMA peak (~40 of ~42 GF/s on one core
 of the dev box), so only fewer multiplications make it faster. Float32 CPU tensors with channels in
-multiples of 8 take the C++ path (NHWC), in chunks of about CHUNK_TILES tiles (whole tile rows) whose V and M
-stay in cache: input transform, the P products, output transform. The products run in a 6x16
-register-blocked kernel (GCC vector extensions: 12 accumulators of 8 floats) at ~38 GF/s, where MKL's bmm
-reached ~30 at these shapes. Each transform is one template over tables written from MATRICES, unrolled so
-that zero entries cost nothing. The backward runs by chunks too and recomputes V from the input rather than
-saving it: dM = A dY A^T, dV[p] = dM[p] U[p]^T, dx += B dV B^T (chunks of whole images, or two chunks apart,
-share no input pixel), dU[p] += dM[p]^T V[p] and dweight = G^T dU G. Everything else
-takes the pure-torch reference (the same math, differentiated by autograd).
+multiples of 8 take the C++ path (NHWC), in chunks of about CHUNK_TILES tiles (whole tile rows, or whole
+images) whose V and M stay in cache: input transform, the P products, output transform. The products run in
+a 6x16 register-blocked kernel (GCC vector extensions: 12 accumulators of 8 floats) at up to ~80 GF/s per
+core, with U stored as 16-column panels (a panel's rows contiguous: at 256-512 channels reading U row by row
+touched a new page every row, and the forward took 1.5-3x as long). The P positions of every buffer lie an
+odd number of cache lines apart (``spaced``): at multiples of 4 KB they would share one L1 set. Each
+transform is one template over tables written from MATRICES, unrolled so that zero entries cost nothing,
+reading patches inside the image by strides and only border patches through a table of pointers. The
+backward runs by chunks too and recomputes V from the input rather than saving it: dM = A dY A^T,
+dV[p] = dM[p] U[p]^T, dx += B dV B^T (chunks of whole images, or two chunks apart, share no input pixel),
+dU[p] += dM[p]^T V[p] and dweight = G^T dU G. Everything else takes the pure-torch reference (the same
+math, differentiated by autograd).
 """
 from __future__ import annotations
 
