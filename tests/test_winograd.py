@@ -71,8 +71,9 @@ def test_output_and_gradients_equal_conv2d(path, shape, channels_last, tile):
 @pytest.mark.parametrize("tile", winograd.TILES)
 @pytest.mark.parametrize("chunk_tiles", [1, 32, winograd.CHUNK_TILES])
 def test_two_threads(tile, chunk_tiles):
-    """Threads split the chunks: the forward's outputs, the backward's overlapping input patches (even chunks,
-    then odd ones) and its per-thread weight gradients."""
+    """Threads split the chunks: the forward's outputs, the backward's overlapping input patches (chunks of
+    tile rows: even chunks, then odd ones; chunks of whole images, 32 and 128 here: one pass) and its
+    per-thread weight gradients."""
     x, weight, bias = (t.requires_grad_() for t in _inputs((3, 16, 24, 13, 9)))
     ref = F.conv2d(x, weight, bias, padding=1)
     grad = torch.randn_like(ref)
