@@ -444,9 +444,9 @@ static void row_products(const float* const* a, const float* t, int64_t n, int64
     for (int r = 0; r < QB; ++r) std::fill(s + r * n8 + n, s + (r + 1) * n8, -INFINITY);
 }
 
-template <int D>  // rows[r] = x's row i0 + r at the head (the last row again past nq rows)
-static void block_rows(const float* x, int64_t C, int64_t i0, int nq, const float** rows) {
-    for (int r = 0; r < QB; ++r) rows[r] = x + (i0 + std::min(r, nq - 1)) * C;
+// rows[r] = row i0 + r of x (row stride ld), the last row again past nq rows
+static void block_rows(const float* x, int64_t ld, int64_t i0, int nq, const float** rows) {
+    for (int r = 0; r < QB; ++r) rows[r] = x + (i0 + std::min(r, nq - 1)) * ld;
 }
 
 template <int D>
@@ -464,7 +464,7 @@ static void attention_forward(const Heads& a, const float* q, const float* k, co
             for (int64_t i0 = 0; i0 < a.Lq; i0 += QB) {
                 const int nq = (int)std::min<int64_t>(QB, a.Lq - i0);
                 const float* qr[QB];
-                block_rows<D>(qb, a.ldq, i0, nq, qr);
+                block_rows(qb, a.ldq, i0, nq, qr);
                 row_products<D>(qr, kt.data(), a.Lk, n8, a.scale, s.data());
                 float m[QB], l[QB];
                 for (int r = 0; r < QB; ++r) {  // s <- exp(s - max), l = its sum
@@ -517,9 +517,9 @@ static void attention_backward(const Heads& a, const float* q, const float* k, c
             for (int64_t i0 = 0; i0 < a.Lq; i0 += QB) {
                 const int nq = (int)std::min<int64_t>(QB, a.Lq - i0);
                 const float *qr[QB], *orow[QB], *dr[QB];
-                block_rows<D>(qb, a.ldq, i0, nq, qr);
-                block_rows<D>(ob, a.C, i0, nq, orow);
-                block_rows<D>(db, a.C, i0, nq, dr);
+                block_rows(qb, a.ldq, i0, nq, qr);
+                block_rows(ob, a.C, i0, nq, orow);
+                block_rows(db, a.C, i0, nq, dr);
                 row_products<D>(qr, kt.data(), a.Lk, n8, a.scale, p.data());  // scores
                 row_products<D>(dr, vt.data(), a.Lk, n8, 1.0f, ds.data());    // dP = dO V^T
                 v8 qv[QB][D], dv_[QB][D], dqa[QB][D] = {};

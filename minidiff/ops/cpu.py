@@ -209,8 +209,9 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 def _attention_call(fn, q: torch.Tensor, k: torch.Tensor, heads: int, *tensors: torch.Tensor | None) -> None:
     """md_attention(_backward)(d, *tensors, B, heads, Lq, Lk, ldq, ldk, ldv, scale) for q (B, Lq, C), k (B, Lk, .)."""
-    (batch, lq, channels), d = q.shape, q.shape[2] // heads
-    fn(d, *map(_ptr, tensors), batch, heads, lq, k.shape[1], *(t.stride(1) for t in tensors[:3]), d ** -0.5)
+    (batch, lq, channels), lk = q.shape, k.shape[1]
+    d = channels // heads
+    fn(d, *map(_ptr, tensors), batch, heads, lq, lk, *(t.stride(1) for t in tensors[:3]), d ** -0.5)
 
 
 class Attention(torch.autograd.Function):
