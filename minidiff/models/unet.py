@@ -180,6 +180,11 @@ class UNet(nn.Module):
             raise ValueError("encoder_hidden_states (B, S, cross_attention_dim) is required by a "
                              "UNet2DConditionModel")
 
+        if x.device.type == "cpu" and not torch.is_grad_enabled():
+            # CPU inference runs channels_last, whatever the input's layout: oneDNN's NHWC convolutions are
+            # faster even with the weights converted at each call (cifar10-32 forward: 0.87x the NCHW time),
+            # training steps are not (1.03x: the weights are converted three times), so they keep the input's
+            x = x.contiguous(memory_format=torch.channels_last)
         h = self.conv_in(x)
         skips = [h]
         for block in self.down_blocks:
@@ -192,4 +197,4 @@ class UNet(nn.Module):
         out = self.conv_out(norm_act(self.conv_norm_out, h, self.out_act))
         if self.config.time_embedding_type == "fourier":
             out = out / t.reshape(-1, 1, 1, 1).to(out.dtype)
-        return out
+        return out.contiguous()
