@@ -6,9 +6,9 @@ benchmarks/results/unet_vs_diffusers.json):
   ones ~10% faster (up to 1.5x on 4x4 maps), the C++ GroupNorm+act kernels (forward and backward) read
   NHWC directly, and attention's (B, C, H, W) -> (B, H*W, C) becomes a view instead of a copy. Every
   activation follows the weights' layout from conv_in on; the output is made contiguous again. A plain
-  UNet already runs CPU inference with channels_last activations, and oneDNN then converts each weight
-  at each call (~4% of a cifar10-32 forward), which channels_last weights save. Training gains little
-  from it here.
+  UNet already runs CPU inference and guidance with channels_last activations, and oneDNN then converts
+  each weight at each call (~4% of a cifar10-32 forward), which channels_last weights save. Training gains
+  little from it here.
 - ``compile=True``: torch.compile (inductor) of the forward with the pure-torch reference ops (the
   C++/Triton kernels are opaque to the compiler and would split the graph), so inductor fuses
   GroupNorm+act and the residual adds itself. With ``freeze`` inference calls use inductor's

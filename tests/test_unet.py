@@ -89,22 +89,22 @@ def test_cross_attention_options_and_class_tokens(seeded):
 
 @pytest.mark.parametrize("name", ["ddpm-butterflies-32", "small-cross-attention"])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-@pytest.mark.parametrize("grad", [False, True])
-def test_every_convolution_sees_one_layout(name, memory_format, grad, seeded):
-    """CPU inference runs every convolution channels_last, whatever the input's layout; calls recording
-    gradients keep the input's layout, in every convolution (an attention residual summed in the tokens'
-    layout once mixed the two, and oneDNN converted the weights at every later call). The output is
-    contiguous either way, like a plain nn.Module's."""
-    unet = random_unet(ARCHITECTURES[name]).eval()
+@pytest.mark.parametrize("call", ["sampling", "guidance", "training"])
+def test_every_convolution_sees_one_layout(name, memory_format, call, seeded):
+    """On CPU every convolution runs channels_last, whatever the input's layout, except in training steps
+    (train mode, autograd on), which keep the input's layout in every convolution (an attention residual
+    summed in the tokens' layout once mixed the two, and oneDNN converted the weights at every later call).
+    The output is contiguous either way, like a plain nn.Module's."""
+    unet = random_unet(ARCHITECTURES[name]).train(call == "training")
     inputs = []
     for conv in (m for m in unet.modules() if isinstance(m, nn.Conv2d)):
         conv.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
     c = unet.config
     x = torch.randn(1, c.in_channels, 16, 16).contiguous(memory_format=memory_format)
     context = {"encoder_hidden_states": torch.randn(1, 3, c.cross_attention_dim)} if c.cross_attention_dim else {}
-    with torch.set_grad_enabled(grad):
-        out = unet(x, 10, **context)
-    expected = memory_format if grad else torch.channels_last
+    with torch.set_grad_enabled(call != "sampling"):
+        out = unet(x.requires_grad_(call == "guidance"), 10, **context)
+    expected = memory_format if call == "training" else torch.channels_last
     assert inputs and all(memory_format_of(t) == expected for t in inputs)
     assert out.is_contiguous()
 
