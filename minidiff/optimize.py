@@ -96,7 +96,7 @@ def _fast_forward(unet: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
     To freeze again after the weights changed, call ``optimize`` again."""
     state = unet.__dict__[_STATE]
     if not state["compile"]:
-        return type(unet).forward(unet, *args, **kwargs).contiguous()
+        return type(unet).forward(unet, *args, **kwargs)
     freezing = contextlib.nullcontext()
     compiled = state["compiled"]
     if state["frozen"] is not None and not _records_grad(unet, args, kwargs):
@@ -110,7 +110,7 @@ def _fast_forward(unet: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
             # identity); torch.compile(options={"freezing": True}) does not reach that point
             freezing, compiled = inductor_config.patch(freezing=True), state["frozen"]
     with ops.backend("reference"), freezing:
-        return compiled(unet, *args, **kwargs).contiguous()
+        return compiled(unet, *args, **kwargs)
 
 
 def _is_winograd_candidate(module: nn.Module) -> bool:
