@@ -29,8 +29,9 @@ benchmarks/results/unet_vs_diffusers.json):
   ~1e-5 relative (F(4x4); whole UNets 4e-6 to 1e-5). Not with ``compile`` (the kernels are opaque to it).
   Whole UNets: see the README's table.
 Measured and left out: prepacking oneDNN conv weights without the compiler (< 2%, and only through
-private ops), and channels_last as the UNet's default layout (10-15% faster eager forwards here, but
-then ``safetensors.torch.save_file(unet.state_dict())`` refuses the non-contiguous weights).
+private ops), and channels_last weights as the UNet's default (they would save the plain UNet the
+per-call weight conversion, but then ``safetensors.torch.save_file(unet.state_dict())`` refuses the
+non-contiguous weights).
 
 ``optimize`` works in place and returns ``unet``; ``restore(unet)`` undoes it (import it from
 ``minidiff.optimize``). Parameter names, values and state_dict keys are unchanged (save_pretrained
