@@ -227,7 +227,7 @@ def test_attention_equals_reference_and_explicit_math(heads, lk):
 @pytest.mark.parametrize("d", cpu.ATTENTION_HEAD_DIMS)
 @pytest.mark.parametrize("batch, heads, lq, lk", [(2, 3, 13, 13), (1, 2, 4, 21), (3, 1, 9, 1), (2, 4, 33, 8)])
 def test_cpu_attention_kernel_equals_reference_with_gradients(d, batch, heads, lq, lk):
-    """Queries not a multiple of the kernel's block of 4, keys not of its 8 lanes, one key, cross-attention."""
+    """Queries and keys not multiples of the kernels' blocks (8 lanes, 4-6 rows), one key, cross-attention."""
     g = torch.Generator().manual_seed(lq * lk + d)
     q = (torch.randn(batch, lq, heads * d, generator=g) * 2).requires_grad_()
     k, v = ((torch.randn(batch, lk, heads * d, generator=g) * 2).requires_grad_() for _ in range(2))

@@ -13,8 +13,9 @@ No compiler: a one-time warning, then the reference ops.
 Covered: float32 and bfloat16 (backward: float32), contiguous or channels_last, activations silu/relu/none.
 Attention with heads of 8 or 16 channels (float32; the course UNet's and butterflies' heads of 8): torch's
 CPU flash attention runs such heads at ~12 GFLOP/s; here one task per (batch, head) keeps the head's keys
-transposed in L1 and scores 8 keys x 4 queries at a time with the inline exp: 2.3-3x SDPA, forward and
-backward, at (8, 196 tokens, 8 heads of 8).
+and values in L1 and scores 8 keys x 4-6 queries (or, forward with heads of 8, 8 queries on the vector lanes
+against one key) at a time with the inline exp: 2.3-3x SDPA, forward and backward, at (8, 196 tokens, 8
+heads of 8).
 """
 from __future__ import annotations
 
