@@ -25,6 +25,8 @@ benchmarks: $(STAMP)
 	$(PY) benchmarks/ddpm_vs_ddim.py
 	$(PY) benchmarks/unet_vs_diffusers.py
 	$(PY) benchmarks/ops.py
+	$(PY) benchmarks/training.py
+	$(PY) benchmarks/guidance.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
