@@ -1,7 +1,7 @@
 """Training step: minidiff's UNet vs diffusers' UNet2DModel, same architecture and weights, with and
 without gradient checkpointing, side by side in one run.
 
-    python benchmarks/training.py [--arch ddpm-butterflies-32] [--batch_size 8] [--steps 3] [--device cpu]
+    python benchmarks/training.py [--arch ddpm-butterflies-32] [--batch_size 8] [--steps 10] [--device cpu]
 
 A step is what minidiff.training does: t, eps, add_noise, MSE against eps, backward, AdamW. Reported per
 case: images/s (median of the timed steps after warm-up, the cases taking turns so load changes on a
@@ -173,7 +173,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="ddpm-butterflies-32", choices=sorted(ARCHITECTURES))
     p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--steps", type=int, default=3, help="timed steps per case")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per case")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
