@@ -15,6 +15,7 @@ float32 matmul (torch.mm, MKL) and a 3x3 channels_last convolution (oneDNN) of a
 ``minidiff.optimize(unet, compile=True)`` (inductor; frozen weights for inference); "+winograd" is
 ``minidiff.optimize(unet, winograd=True)`` (Winograd convolutions for the wide 3x3 layers). "max rel diff" is
 each case's max |output - minidiff eager output| / max |minidiff eager output|: same weights, same math.
+The targets compare medians; each ratio of two cases also gives the quartiles of its per-round ratios.
 Writes benchmarks/results/unet_vs_diffusers.json (--out).
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ import common  # noqa: I001  (first: it configures OpenMP before torch loads)
 
 import argparse
 import copy
+import statistics
 import time
 from typing import Any, Callable
 
@@ -181,27 +183,41 @@ def forward_rows(arch: str, r: dict[str, Any]) -> list[list[Any]]:
 
 
 def target_lines(arch: str, fwd: dict[str, Any], train: dict[str, Any] | None) -> list[str]:
-    """Each target of the issue with the measured value, met or missed."""
-    ms, lines = fwd["median_ms"], []
+    """Each target of the issue with the measured value (a ratio of medians), met or missed; ratios of two
+    cases also give the quartiles of their per-round ratios (the cases ran back to back in each round), which
+    show how far the VM's drift moves the verdict."""
+    lines = []
 
-    def check(label: str, value: float, limit: float, at_least: bool = False) -> None:
+    def check(label: str, value: float, limit: float, at_least: bool = False,
+              rounds: tuple[dict[str, list[float]], str, str] | None = None) -> None:
         met = value >= limit if at_least else value <= limit
+        spread = ""
+        if rounds is not None and len(rounds[0][rounds[1]]) > 1:  # quartiles need two rounds
+            times, a, b = rounds
+            q1, _, q3 = statistics.quantiles([ta / tb for ta, tb in zip(times[a], times[b])], n=4)
+            spread = f", per-round quartiles {q1:.3f}-{q3:.3f}"
         lines.append(f"{arch}: {label} = {value:.3f} ({'>=' if at_least else '<='} {limit}: "
-                     f"{'met' if met else 'MISSED'})")
-    check("minidiff eager / diffusers eager", ms["minidiff eager"] / ms["diffusers eager"], TARGET_EAGER)
-    fastest = min(v for k, v in ms.items() if k.startswith("minidiff optimize"))
-    check("fastest minidiff optimize / diffusers eager", fastest / ms["diffusers eager"], TARGET_FAST)
+                     f"{'met' if met else 'MISSED'}{spread})")
+
+    def ratio(result: dict[str, Any], label: str, a: str, b: str, limit: float) -> None:
+        ms = result["median_ms"]
+        check(label, ms[a] / ms[b], limit, rounds=(result["times_s"], a, b))
+
+    ms = fwd["median_ms"]
+    ratio(fwd, "minidiff eager / diffusers eager", "minidiff eager", "diffusers eager", TARGET_EAGER)
+    fastest = min((k for k in ms if k.startswith("minidiff optimize")), key=ms.get)
+    ratio(fwd, "fastest minidiff optimize / diffusers eager", fastest, "diffusers eager", TARGET_FAST)
     if "diffusers compile" in ms:
-        check("fastest minidiff / diffusers compile", fastest / ms["diffusers compile"], TARGET_VS_COMPILED)
-    check("fastest minidiff forward / matmul peak", fwd["flops"] / fastest / 1e6
+        ratio(fwd, "fastest minidiff / diffusers compile", fastest, "diffusers compile", TARGET_VS_COMPILED)
+    check("fastest minidiff forward / matmul peak", fwd["flops"] / ms[fastest] / 1e6
           / fwd["peak_gflops"]["matmul 2048^3"], TARGET_PEAK, at_least=True)
     if train is not None:
         tms = train["median_ms"]
-        best = min(v for k, v in tms.items() if k.startswith("minidiff") and k != FUSED_CASE)
-        check("fastest minidiff training step / diffusers eager, same AdamW", best / tms["diffusers eager"],
+        best = min((k for k in tms if k.startswith("minidiff") and k != FUSED_CASE), key=tms.get)
+        ratio(train, "fastest minidiff training step / diffusers eager, same AdamW", best, "diffusers eager",
               TARGET_TRAIN)
-        check("minidiff training step with its Trainer's fused AdamW / diffusers eager",
-              tms[FUSED_CASE] / tms["diffusers eager"], TARGET_TRAIN)
+        ratio(train, "minidiff training step with its Trainer's fused AdamW / diffusers eager", FUSED_CASE,
+              "diffusers eager", TARGET_TRAIN)
     return lines
 
 
