@@ -188,20 +188,19 @@ def target_lines(arch: str, fwd: dict[str, Any], train: dict[str, Any] | None) -
     show how far the VM's drift moves the verdict."""
     lines = []
 
-    def check(label: str, value: float, limit: float, at_least: bool = False,
-              rounds: tuple[dict[str, list[float]], str, str] | None = None) -> None:
+    def check(label: str, value: float, limit: float, at_least: bool = False, spread: str = "") -> None:
         met = value >= limit if at_least else value <= limit
-        spread = ""
-        if rounds is not None and len(rounds[0][rounds[1]]) > 1:  # quartiles need two rounds
-            times, a, b = rounds
-            q1, _, q3 = statistics.quantiles([ta / tb for ta, tb in zip(times[a], times[b])], n=4)
-            spread = f", per-round quartiles {q1:.3f}-{q3:.3f}"
         lines.append(f"{arch}: {label} = {value:.3f} ({'>=' if at_least else '<='} {limit}: "
                      f"{'met' if met else 'MISSED'}{spread})")
 
     def ratio(result: dict[str, Any], label: str, a: str, b: str, limit: float) -> None:
-        ms = result["median_ms"]
-        check(label, ms[a] / ms[b], limit, rounds=(result["times_s"], a, b))
+        ms, times = result["median_ms"], result["times_s"]
+        per_round = [ta / tb for ta, tb in zip(times[a], times[b])]
+        spread = ""
+        if len(per_round) > 1:  # quartiles need two rounds
+            q1, _, q3 = statistics.quantiles(per_round, n=4)
+            spread = f", per-round quartiles {q1:.3f}-{q3:.3f}"
+        check(label, ms[a] / ms[b], limit, spread=spread)
 
     ms = fwd["median_ms"]
     ratio(fwd, "minidiff eager / diffusers eager", "minidiff eager", "diffusers eager", TARGET_EAGER)
