@@ -70,10 +70,12 @@ def test_output_and_gradients_equal_conv2d(path, shape, channels_last, tile):
 @needs_kernels
 @pytest.mark.parametrize("tile", winograd.TILES)
 @pytest.mark.parametrize("chunk_tiles", [1, 32, winograd.CHUNK_TILES])
-def test_two_threads(tile, chunk_tiles):
+@pytest.mark.parametrize("shared", [False, True])
+def test_two_threads(monkeypatch, tile, chunk_tiles, shared):
     """Threads split the chunks: the forward's outputs, the backward's overlapping input patches (chunks of
-    tile rows: even chunks, then odd ones; chunks of whole images, 32 and 128 here: one pass) and its
-    per-thread weight gradients."""
+    tile rows: even chunks, then odd ones; chunks of whole images, 32 and 128 here: one pass) and its weight
+    gradient, either per-thread copies summed at the end or whole positions from shared transforms."""
+    monkeypatch.setattr(winograd, "_shared_backward", lambda *shape: shared)
     x, weight, bias = (t.requires_grad_() for t in _inputs((3, 16, 24, 13, 9)))
     ref = F.conv2d(x, weight, bias, padding=1)
     grad = torch.randn_like(ref)
@@ -86,6 +88,39 @@ def test_two_threads(tile, chunk_tiles):
     _close(out, ref, TOLERANCE[tile])
     for ours, theirs in zip(grads, torch.autograd.grad(ref, (x, weight, bias), grad)):
         _close(ours, theirs, TOLERANCE[tile])
+
+
+def test_shared_backward_for_few_tiles_and_many_channels():
+    torch.set_num_threads(2)
+    try:
+        assert winograd._shared_backward(2, 8, 4, 4, 256, 256)  # 32 tiles: a copy of dU would be 4 MB
+        assert not winograd._shared_backward(4, 8, 32, 32, 64, 64)  # 512 tiles of 64 channels
+    finally:
+        torch.set_num_threads(1)
+    assert not winograd._shared_backward(2, 8, 4, 4, 256, 256)  # one thread: no copies to save
+
+
+@needs_kernels
+@pytest.mark.parametrize("tile", winograd.TILES)
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+def test_weight_read_and_its_gradient_written_in_its_own_layout(tile, layout):
+    """The filter transforms read the weight in place; the weight's gradient comes in the weight's layout
+    (autograd then accumulates it without a copy)."""
+    x, weight, bias = _inputs((2, 16, 24, 6, 7))
+    if layout == "channels_last":
+        weight = weight.to(memory_format=torch.channels_last)
+    else:  # every other input channel of a wider weight: not dense
+        weight = torch.stack([weight, torch.randn_like(weight)], dim=2).flatten(1, 2)[:, ::2]
+    weight.requires_grad_()
+    out = winograd.winograd_conv3x3(x, weight, bias, tile=tile)
+    ref = F.conv2d(x, weight, bias, padding=1)
+    _close(out, ref, TOLERANCE[tile])
+    grad = torch.randn_like(ref)
+    (ours,) = torch.autograd.grad(out, weight, grad)
+    (theirs,) = torch.autograd.grad(ref, weight, grad)
+    _close(ours, theirs, TOLERANCE[tile])
+    if layout == "channels_last":
+        assert ours.stride() == weight.stride()
 
 
 @pytest.mark.parametrize("tile", winograd.TILES)

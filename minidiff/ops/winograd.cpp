@@ -148,20 +148,47 @@ static void input_grad_tiles(const Geometry& g, const float* dv, int64_t stride,
     });
 }
 
-// out[p][r][s] = (L X L^T)[p] with X[q] = in[q][r][s] for each (r, s): in (Q^2, R, S) -> out (P^2, R, S), each
-// position's (R, S) spaced(R S) floats from the last. With L = G: the filter transform, 3x3 -> a x a, written as
-// `panels` for gemm (the kernels' U); with L = G^T, its adjoint, row-major.
-template <int P, int Q>
-static void filters(const float (&L)[P][Q], const float* in, float* out, int64_t R, int64_t S, bool panels) {
+// The 3x3 filters g_rs, r < R, s < S, of a weight read in place: element (i, j) of g_rs at
+// w[r rs + s ss + i is + j js]; `at(r, s, i, j)` is that float, and 8 of them, s..s + 7, are one vector (loaded
+// as one where ss is 1, as in channels_last weights, else gathered).
+struct Filters {
+    float* w; int64_t rs, ss, is, js;
+    float* at(int64_t r, int64_t s, int i, int j) const { return w + r * rs + s * ss + i * is + j * js; }
+    v8 load(const float* q) const {
+        if (ss == 1) return ld(q);
+        v8 v;
+        for (int h = 0; h < 8; ++h) v[h] = q[h * ss];
+        return v;
+    }
+    void store(float* q, v8 v) const {
+        if (ss == 1) return st(q, v);
+        for (int h = 0; h < 8; ++h) q[h * ss] = v[h];
+    }
+};
+
+// The filter transform U = G g G^T of every filter of f, as (P, R, S) with each position's (R, S) spaced(R S)
+// floats from the last and written as `panels` for gemm (the kernels' U)
+template <int A>
+static void filters(const float (&G)[A][3], const Filters& f, float* u, int64_t R, int64_t S) {
+    const int64_t stride = spaced(R * S);
+    #pragma omp parallel for schedule(static)
+    for (int64_t s = 0; s < S; s += 8)  // r inner: the lines of g_rs, ..., g_r(s + 7) serve the next r's too
+        for (int64_t r = 0; r < R; ++r) {
+            const int64_t j = s / 16 * 16, at = j * R + r * std::min<int64_t>(16, S - j) + s - j;
+            sandwich(G, [&](int i, int k) { return f.load(f.at(r, s, i, k)); },
+                     [&](int i, int k, v8 z) { st(u + (i * A + k) * stride + at, z); });
+        }
+}
+
+// Its adjoint, dg = G^T dU G, from dU (P, R, S) row-major (positions spaced) into the filters of f
+template <int A>
+static void filter_grads(const float (&GT)[3][A], const float* du, const Filters& f, int64_t R, int64_t S) {
     const int64_t stride = spaced(R * S);
     #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < R; ++r)
-        for (int64_t s = 0; s < S; s += 8) {
-            const int64_t j = s / 16 * 16, w = std::min<int64_t>(16, S - j);
-            const int64_t at = panels ? j * R + r * w + s - j : r * S + s;  // within one position's (R, S)
-            sandwich(L, [&](int i, int k) { return ld(in + (i * Q + k) * stride + r * S + s); },
-                     [&](int i, int k, v8 z) { st(out + (i * P + k) * stride + at, z); });
-        }
+        for (int64_t s = 0; s < S; s += 8)
+            sandwich(GT, [&](int i, int k) { return ld(du + (i * A + k) * stride + r * S + s); },
+                     [&](int i, int k, v8 z) { f.store(f.at(r, s, i, k), z); });
 }
 
 // c[i, j] (+)= sum_l a[i rs + l cs] b[l ldb + j] for R rows and 8 NV columns: R NV vector accumulators
@@ -279,6 +306,44 @@ static void backward(const Geometry& g, const float* x, const float* u_kc, const
     }
 }
 
+// The same by two phases for layers with few tiles and many channels, where each thread's dU copy would be
+// large against the transforms themselves: the chunks write dM and V for all tiles into shared arrays (and
+// dx as above), then each thread computes whole positions, dU[p] = dM[p]^T V[p] over all tiles, in place.
+template <int M>
+static void backward_shared(const Geometry& g, const float* x, const float* u_kc, const float* dy, float* dx,
+                            float* du, int64_t rows) {
+    constexpr int P = (M + 2) * (M + 2);
+    const int64_t T = g.B * g.th * g.tw, chunk = std::min(rows * g.tw, T), chunks = (T + chunk - 1) / chunk;
+    const int passes = rows % g.th == 0 ? 1 : 2;
+    const int64_t sv = spaced(T * g.C), sm = spaced(T * g.K), su = spaced(g.C * g.K);
+    auto v = buffer(du ? P * sv : 0), dm = buffer(P * sm);
+    #pragma omp parallel
+    {
+        const int64_t sdv = spaced(chunk * g.C);
+        auto dv = buffer(dx ? P * sdv : 0);
+        std::vector<float> zeros(std::max(g.C, g.K)), sink(g.C);
+        for (int pass = 0; pass < passes; ++pass) {
+            #pragma omp for schedule(static, 1)
+            for (int64_t i = pass; i < chunks; i += passes) {
+                const int64_t t0 = i * chunk, n = std::min(chunk, T - t0);
+                output_grad_tiles<M>(g, dy, dm.get() + t0 * g.K, sm, zeros.data(), t0, n);
+                if (du) input_tiles<M>(g, x, v.get() + t0 * g.C, sv, zeros.data(), t0, n);
+                if (dx) {
+                    for (int p = 0; p < P; ++p)  // dV[p] = dM[p] U[p]^T
+                        gemm(dm.get() + t0 * g.K + p * sm, g.K, 1, u_kc + p * su, g.C, true, dv.get() + p * sdv,
+                             g.C, n, g.K, g.C, false);
+                    input_grad_tiles<M>(g, dv.get(), sdv, dx, sink.data(), t0, n);
+                }
+            }
+        }
+        if (du) {
+            #pragma omp for schedule(static)
+            for (int p = 0; p < P; ++p)  // dU[p] = dM[p]^T V[p]
+                gemm(dm.get() + p * sm, 1, g.K, v.get() + p * sv, g.C, false, du + p * su, g.C, g.K, T, g.C, false);
+        }
+    }
+}
+
 #define GEOMETRY const Geometry g{B, H, W, C, K, (H + m - 1) / m, (W + m - 1) / m}
 extern "C" void md_winograd_forward(int m, const float* x, const float* u, const float* bias, float* y, int64_t B,
                                     int64_t H, int64_t W, int64_t C, int64_t K, int64_t rows) {
@@ -288,17 +353,25 @@ extern "C" void md_winograd_forward(int m, const float* x, const float* u, const
 }
 
 extern "C" void md_winograd_backward(int m, const float* x, const float* u_kc, const float* dy, float* dx, float* du,
-                                     int64_t B, int64_t H, int64_t W, int64_t C, int64_t K, int64_t rows) {
+                                     int64_t B, int64_t H, int64_t W, int64_t C, int64_t K, int64_t rows,
+                                     int shared) {
     GEOMETRY;
-    if (m == 2) backward<2>(g, x, u_kc, dy, dx, du, rows);
-    else backward<4>(g, x, u_kc, dy, dx, du, rows);
+    auto run = m == 2 ? (shared ? backward_shared<2> : backward<2>) : (shared ? backward_shared<4> : backward<4>);
+    run(g, x, u_kc, dy, dx, du, rows);
 }
 
 extern "C" int64_t md_winograd_spaced(int64_t n) { return spaced(n); }
 
-extern "C" void md_winograd_filter(int m, int adjoint, const float* in, float* out, int64_t R, int64_t S) {
-    if (m == 2 && adjoint) filters(Tile<2>::GT, in, out, R, S, false);
-    else if (m == 2) filters(Tile<2>::G, in, out, R, S, true);
-    else if (adjoint) filters(Tile<4>::GT, in, out, R, S, false);
-    else filters(Tile<4>::G, in, out, R, S, true);
+extern "C" void md_winograd_filter(int m, const float* w, int64_t rs, int64_t ss, int64_t is, int64_t js, float* u,
+                                   int64_t R, int64_t S) {
+    const Filters f{const_cast<float*>(w), rs, ss, is, js};  // only read
+    if (m == 2) filters(Tile<2>::G, f, u, R, S);
+    else filters(Tile<4>::G, f, u, R, S);
+}
+
+extern "C" void md_winograd_filter_grad(int m, const float* du, float* w, int64_t rs, int64_t ss, int64_t is,
+                                        int64_t js, int64_t R, int64_t S) {
+    const Filters f{w, rs, ss, is, js};
+    if (m == 2) filter_grads(Tile<2>::GT, du, f, R, S);
+    else filter_grads(Tile<4>::GT, du, f, R, S);
 }

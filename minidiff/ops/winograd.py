@@ -26,7 +26,11 @@ transform is one template over tables written from MATRICES, unrolled so that ze
 reading patches inside the image by strides and only border patches through a table of pointers. The
 backward runs by chunks too and recomputes V from the input rather than saving it: dM = A dY A^T,
 dV[p] = dM[p] U[p]^T, dx += B dV B^T (chunks of whole images, or two chunks apart, share no input pixel),
-dU[p] += dM[p]^T V[p] and dweight = G^T dU G. Everything else takes the pure-torch reference (the same
+dU[p] += dM[p]^T V[p] and dweight = G^T dU G (into the weight's own layout). On several threads each thread
+sums dU over its chunks, the copies added at the end; where such a copy would be large against the transformed
+tiles (few tiles, many channels: 4x4 to 16x16 maps) the chunks write V and dM for all tiles instead, and each
+thread then computes whole positions of dU (at 256-512 channels on 4x4 maps, 0.3-0.5x the backward's time).
+The filter transforms read the weight in place, in any layout. Everything else takes the pure-torch reference (the same
 math, differentiated by autograd).
 """
 from __future__ import annotations
@@ -101,8 +105,10 @@ def _library() -> ctypes.CDLL | None:
                       "transforms", RuntimeWarning, stacklevel=3)
         return None
     lib.md_winograd_forward.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 6
-    lib.md_winograd_backward.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 6
-    lib.md_winograd_filter.argtypes = [ctypes.c_int] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
+    lib.md_winograd_backward.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 6 + [ctypes.c_int]
+    lib.md_winograd_filter.argtypes = [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] + [
+        ctypes.c_int64] * 2
+    lib.md_winograd_filter_grad.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 6
     lib.md_winograd_spaced.argtypes, lib.md_winograd_spaced.restype = [ctypes.c_int64], ctypes.c_int64
     return lib
 
@@ -123,15 +129,22 @@ def _positions(like: torch.Tensor, positions: int, rows: int, cols: int) -> torc
     return like.new_empty(positions, stride)[:, :rows * cols]
 
 
+def _filter_strides(weight: torch.Tensor, transposed: bool) -> tuple[int, int, int, int]:
+    """A (K, C, 3, 3) weight's strides as the kernels read its filters g_rs: (r, s, i, j), (r, s) = (c, k), or
+    (k, c) when ``transposed``."""
+    k, c, i, j = weight.stride()
+    return (k, c, i, j) if transposed else (c, k, i, j)
+
+
 def _filter(weight: torch.Tensor, tile: int, transposed: bool = False) -> torch.Tensor:
     """The C++ filter transform in the kernels' layout: U (P, C, K), or U^T (P, K, C) when ``transposed``, each
-    position's matrix in 16-column panels, as a (P, rows * cols) tensor with spaced rows."""
-    w = weight.detach().permute(2, 3, 0, 1) if transposed else weight.detach().permute(2, 3, 1, 0)
-    rows, cols = w.shape[2:]  # w: (3, 3, rows, cols)
-    spaced = _positions(w, 9, rows, cols)
-    spaced.view(3, 3, rows, cols).copy_(w)
-    u = _positions(w, (tile + 2) ** 2, rows, cols)
-    _library().md_winograd_filter(tile, 0, spaced.data_ptr(), u.data_ptr(), rows, cols)
+    position's matrix in 16-column panels, as a (P, rows * cols) tensor with spaced rows. The weight is read in
+    place, in any layout."""
+    k, c = weight.shape[:2]
+    rows, cols = (k, c) if transposed else (c, k)
+    u = _positions(weight, (tile + 2) ** 2, rows, cols)
+    _library().md_winograd_filter(tile, weight.data_ptr(), *_filter_strides(weight, transposed), u.data_ptr(), rows,
+                                  cols)
     return u
 
 
@@ -188,6 +201,14 @@ def _chunk_rows(tile: int, b: int, h: int, w: int, chunk_tiles: int) -> int:
     return max(1, min(chunk_tiles // tw, -(-b * th // (2 * threads)) if threads > 1 else b * th))
 
 
+def _shared_backward(tile: int, b: int, h: int, w: int, c: int, k: int) -> bool:
+    """Whether the backward computes dU by whole positions from shared transforms (winograd.cpp's
+    backward_shared) rather than by chunks into per-thread copies: on several threads, where a copy of dU
+    (C K per position) would be at least half the size of the transformed tiles (T (C + K))."""
+    tiles = b * -(-h // tile) * -(-w // tile)
+    return torch.get_num_threads() > 1 and 2 * c * k >= tiles * (c + k)
+
+
 class _WinogradConv(torch.autograd.Function):
     """The fast path: NHWC float32 CPU tensors through the fused C++ kernels."""
 
@@ -214,12 +235,12 @@ class _WinogradConv(torch.autograd.Function):
         du = _positions(x, (tile + 2) ** 2, k, c) if needs[1] else None  # dU^T
         u_kc = _filter(weight, tile, transposed=True) if needs[0] else None
         lib.md_winograd_backward(tile, x.data_ptr(), _ptr(u_kc), dy_nhwc.data_ptr(), _ptr(dx), _ptr(du), b, h, w,
-                                 c, k, _chunk_rows(tile, b, h, w, ctx.chunk_tiles))
+                                 c, k, _chunk_rows(tile, b, h, w, ctx.chunk_tiles),
+                                 _shared_backward(tile, b, h, w, c, k))
         dweight = None
-        if du is not None:
-            dweight = _positions(x, 9, k, c)
-            lib.md_winograd_filter(tile, 1, du.data_ptr(), dweight.data_ptr(), k, c)
-            dweight = dweight.view(3, 3, k, c).permute(2, 3, 0, 1)  # (K, C, 3, 3)
+        if du is not None:  # in the weight's layout, which the gradient accumulation then keeps without a copy
+            dweight = torch.empty_like(weight)
+            lib.md_winograd_filter_grad(tile, du.data_ptr(), dweight.data_ptr(), *_filter_strides(dweight, True), k, c)
         return (None if dx is None else dx.permute(0, 3, 1, 2), dweight,
                 dy_nhwc.sum((0, 1, 2)) if needs[2] else None, None, None, None)
 
