@@ -5,13 +5,17 @@
 Each case runs the reference and each backend alternately (so load changes on a shared machine hit both
 alike), reports the median time of ``--runs`` runs after warm-up and the ratio reference / fused, prints
 a table and writes JSON. Threads: torch's setting unless ``--threads``. A CUDA section follows when CUDA
-is present.
+is present. On the CPU, the Winograd 3x3 convolution (``minidiff.ops.winograd``, what
+``minidiff.optimize(unet, winograd=True)`` picks per shape) is timed against oneDNN's (``F.conv2d``), the
+baseline it must beat, rather than against its pure-torch reference: inference with the filter transform
+cached, and training (forward and backward), on channels_last tensors as ``optimize`` runs them.
 """
 from __future__ import annotations
 
 import common  # noqa: F401, I001  (first: it configures OpenMP before torch loads)
 
 import argparse
+import contextlib
 import platform
 import statistics
 import time
@@ -19,8 +23,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from minidiff import ops
+from minidiff.ops import winograd
 from minidiff.files import write_json
 
 GN_SHAPES = [(8, 128, 32, 32), (8, 256, 16, 16), (8, 64, 64, 64)]
@@ -29,6 +35,9 @@ GN_SHAPES = [(8, 128, 32, 32), (8, 256, 16, 16), (8, 64, 64, 64)]
 ATTENTION_CASES = [((8, 256, 256), 1), ((8, 256, 256), 8), ((8, 1024, 128), 1), ((8, 196, 64), 8),
                    ((8, 256, 256), 32)]
 UPDATE_SHAPES = [(16, 3, 64, 64), (8, 4, 64, 64)]
+# (B, C, K, H, W): 3x3 convolutions of butterflies-32, from 64 channels on 32x32 maps to 512 -> 256 on 4x4
+WINOGRAD_SHAPES = [(8, 64, 64, 32, 32), (8, 128, 128, 16, 16), (8, 256, 128, 8, 8), (8, 256, 256, 4, 4),
+                   (8, 512, 256, 4, 4)]
 
 
 def _group_norm_cases(device: str) -> list[tuple[str, str, Callable[[], object]]]:
@@ -88,13 +97,41 @@ def _other_cases(device: str) -> list[tuple[str, str, Callable[[], object]]]:
     return cases
 
 
-def _time_alternately(fns: dict[str, Callable[[], object]], runs: int, device: str) -> dict[str, float]:
-    """Median milliseconds of each backend's call, the backends taking turns on every run."""
+def _winograd_cases() -> list[tuple[str, str, dict[str, Callable[[], object]]]]:
+    """For each shape and mode: oneDNN's convolution and Winograd F(2x2, 3x3) and F(4x4, 3x3)."""
+    cases = []
+    for b, c, k, h, w in WINOGRAD_SHAPES:
+        x = torch.randn(b, c, h, w).to(memory_format=torch.channels_last)
+        weight = torch.randn(k, c, 3, 3).to(memory_format=torch.channels_last) / (3 * c ** 0.5)
+        bias, dy = torch.randn(k), torch.randn(b, k, h, w).to(memory_format=torch.channels_last)
+        u = {tile: winograd.prepare_weight(weight, tile) for tile in winograd.TILES}
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+
+        def train(conv: Callable[..., torch.Tensor], leaves=leaves, dy=dy) -> Callable[[], object]:
+            def run() -> None:
+                with torch.enable_grad():
+                    torch.autograd.grad(conv(*leaves), leaves, dy)
+            return run
+        shape = str((b, c, k, h, w))
+        cases.append(("conv3x3 winograd", shape, {
+            "oneDNN": lambda x=x, weight=weight, bias=bias: F.conv2d(x, weight, bias, padding=1),
+            **{f"F({m}x{m})": lambda m=m, x=x, weight=weight, bias=bias: winograd.winograd_conv3x3(
+                x, weight, bias, tile=m, transformed_weight=u[m]) for m in winograd.TILES}}))
+        cases.append(("conv3x3 winograd fwd+bwd", shape, {
+            "oneDNN": train(lambda *t: F.conv2d(*t, padding=1)),
+            **{f"F({m}x{m})": train(lambda *t, m=m: winograd.winograd_conv3x3(*t, tile=m)) for m in winograd.TILES}}))
+    return cases
+
+
+def _time_alternately(fns: dict[str, Callable[[], object]], runs: int, device: str,
+                      backends: bool = True) -> dict[str, float]:
+    """Median milliseconds of each call, taking turns on every run; the names are ops backends to select, or
+    (``backends=False``) only labels."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for i in range(runs + 3):  # the first 3 rounds warm up (and build or compile the kernels)
         for name, fn in fns.items():
-            with ops.backend(name):
+            with ops.backend(name) if backends else contextlib.nullcontext():
                 sync()
                 start = time.perf_counter()
                 fn()
@@ -104,17 +141,25 @@ def _time_alternately(fns: dict[str, Callable[[], object]], runs: int, device: s
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def _row(device: str, op: str, shape: str, backend: str, baseline: str, baseline_ms: float, ms: float) -> dict:
+    print(f"{device:5} {op:46} {shape:22} {backend:8} {baseline_ms:9.3f} {ms:9.3f} {baseline_ms / ms:6.2f}x",
+          flush=True)
+    return dict(device=device, op=op, shape=shape, backend=backend, baseline=baseline, reference_ms=baseline_ms,
+                fused_ms=ms, ratio=baseline_ms / ms)
+
+
 def run(device: str, backends: list[str], runs: int) -> list[dict]:
     rows = []
     backends = [b for b in backends if b != {"cpu": "triton", "cuda": "cpu"}[device]]
     torch.manual_seed(0)
     for op, shape, fn in _group_norm_cases(device) + _other_cases(device):
         medians = _time_alternately({name: fn for name in ["reference", *backends]}, runs, device)
-        for name in backends:
-            rows.append(dict(device=device, op=op, shape=shape, backend=name, reference_ms=medians["reference"],
-                             fused_ms=medians[name], ratio=medians["reference"] / medians[name]))
-            print(f"{device:5} {op:46} {shape:18} {name:8} {medians['reference']:9.3f} {medians[name]:9.3f} "
-                  f"{rows[-1]['ratio']:6.2f}x", flush=True)
+        rows += [_row(device, op, shape, name, "reference", medians["reference"], medians[name]) for name in backends]
+    if device == "cpu" and winograd._library() is not None:
+        for op, shape, fns in _winograd_cases():
+            medians = _time_alternately(fns, runs, device, backends=False)
+            rows += [_row(device, op, shape, name, "oneDNN", medians["oneDNN"], medians[name])
+                     for name in fns if name != "oneDNN"]
     return rows
 
 
@@ -129,7 +174,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
-    print(f"{'dev':5} {'op':46} {'shape':18} {'backend':8} {'ref ms':>9} {'fused ms':>9} {'ratio':>7}")
+    print(f"{'dev':5} {'op':46} {'shape':22} {'backend':8} {'ref ms':>9} {'fused ms':>9} {'ratio':>7}  "
+          "(Winograd: ref = oneDNN)")
     with torch.no_grad():  # not inference_mode: the training cases re-enable autograd
         rows = run("cpu", args.backends, args.runs)
         if torch.cuda.is_available():
