@@ -16,6 +16,7 @@ import common  # noqa: F401, I001  (first: it configures OpenMP before torch loa
 
 import argparse
 import contextlib
+import functools
 import platform
 import statistics
 import time
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 
 from minidiff import ops
 from minidiff.ops import winograd
+from minidiff.optimize import WINOGRAD_KERNELS
 from minidiff.files import write_json
 
 GN_SHAPES = [(8, 128, 32, 32), (8, 256, 16, 16), (8, 64, 64, 64)]
@@ -98,29 +100,37 @@ def _other_cases(device: str) -> list[tuple[str, str, Callable[[], object]]]:
 
 
 def _winograd_cases() -> list[tuple[str, str, dict[str, Callable[[], object]]]]:
-    """For each shape and mode: oneDNN's convolution and Winograd F(2x2, 3x3) and F(4x4, 3x3)."""
-    cases = []
-    for b, c, k, h, w in WINOGRAD_SHAPES:
-        x = torch.randn(b, c, h, w).to(memory_format=torch.channels_last)
-        weight = torch.randn(k, c, 3, 3).to(memory_format=torch.channels_last) / (3 * c ** 0.5)
-        bias, dy = torch.randn(k), torch.randn(b, k, h, w).to(memory_format=torch.channels_last)
-        u = {tile: winograd.prepare_weight(weight, tile) for tile in winograd.TILES}
-        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    """For each shape, inference and training: oneDNN's convolution and each Winograd kernel that
+    ``optimize`` chooses from (tile, tiles per chunk)."""
+    return [case for shape in WINOGRAD_SHAPES for case in _winograd_shape_cases(*shape)]
 
-        def train(conv: Callable[..., torch.Tensor], leaves=leaves, dy=dy) -> Callable[[], object]:
-            def run() -> None:
-                with torch.enable_grad():
-                    torch.autograd.grad(conv(*leaves), leaves, dy)
-            return run
-        shape = str((b, c, k, h, w))
-        cases.append(("conv3x3 winograd", shape, {
-            "oneDNN": lambda x=x, weight=weight, bias=bias: F.conv2d(x, weight, bias, padding=1),
-            **{f"F({m}x{m})": lambda m=m, x=x, weight=weight, bias=bias: winograd.winograd_conv3x3(
-                x, weight, bias, tile=m, transformed_weight=u[m]) for m in winograd.TILES}}))
-        cases.append(("conv3x3 winograd fwd+bwd", shape, {
-            "oneDNN": train(lambda *t: F.conv2d(*t, padding=1)),
-            **{f"F({m}x{m})": train(lambda *t, m=m: winograd.winograd_conv3x3(*t, tile=m)) for m in winograd.TILES}}))
-    return cases
+
+def _winograd_shape_cases(b: int, c: int, k: int, h: int, w: int
+                          ) -> list[tuple[str, str, dict[str, Callable[[], object]]]]:
+    x = torch.randn(b, c, h, w).to(memory_format=torch.channels_last)
+    weight = torch.randn(k, c, 3, 3).to(memory_format=torch.channels_last) / (3 * c ** 0.5)
+    bias, dy = torch.randn(k), torch.randn(b, k, h, w).to(memory_format=torch.channels_last)
+    u = {tile: winograd.prepare_weight(weight, tile) for tile in winograd.TILES}
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    kernels = {f"F({m}x{m}) {chunk}": (m, chunk) for m, chunk in WINOGRAD_KERNELS}
+
+    def train(conv: Callable[..., torch.Tensor]) -> Callable[[], object]:
+        def run() -> None:
+            with torch.enable_grad():
+                torch.autograd.grad(conv(*leaves), leaves, dy)
+        return run
+
+    def infer(m: int, chunk: int) -> torch.Tensor:
+        return winograd.winograd_conv3x3(x, weight, bias, tile=m, chunk_tiles=chunk, transformed_weight=u[m])
+
+    shape = str((b, c, k, h, w))
+    return [("conv3x3 winograd", shape, {
+                "oneDNN": lambda: F.conv2d(x, weight, bias, padding=1),
+                **{name: functools.partial(infer, *kernel) for name, kernel in kernels.items()}}),
+            ("conv3x3 winograd fwd+bwd", shape, {
+                "oneDNN": train(lambda *t: F.conv2d(*t, padding=1)),
+                **{name: train(lambda *t, m=m, chunk=chunk: winograd.winograd_conv3x3(*t, tile=m, chunk_tiles=chunk))
+                   for name, (m, chunk) in kernels.items()}})]
 
 
 def _time_alternately(fns: dict[str, Callable[[], object]], runs: int, device: str,
@@ -142,7 +152,7 @@ def _time_alternately(fns: dict[str, Callable[[], object]], runs: int, device: s
 
 
 def _row(device: str, op: str, shape: str, backend: str, baseline: str, baseline_ms: float, ms: float) -> dict:
-    print(f"{device:5} {op:46} {shape:22} {backend:8} {baseline_ms:9.3f} {ms:9.3f} {baseline_ms / ms:6.2f}x",
+    print(f"{device:5} {op:46} {shape:22} {backend:11} {baseline_ms:9.3f} {ms:9.3f} {baseline_ms / ms:6.2f}x",
           flush=True)
     return dict(device=device, op=op, shape=shape, backend=backend, baseline=baseline, reference_ms=baseline_ms,
                 fused_ms=ms, ratio=baseline_ms / ms)
@@ -174,7 +184,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
-    print(f"{'dev':5} {'op':46} {'shape':22} {'backend':8} {'ref ms':>9} {'fused ms':>9} {'ratio':>7}  "
+    print(f"{'dev':5} {'op':46} {'shape':22} {'backend':11} {'ref ms':>9} {'fused ms':>9} {'ratio':>7}  "
           "(Winograd: ref = oneDNN)")
     with torch.no_grad():  # not inference_mode: the training cases re-enable autograd
         rows = run("cpu", args.backends, args.runs)

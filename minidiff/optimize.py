@@ -17,9 +17,11 @@ benchmarks/results/unet_vs_diffusers.json):
 - ``winograd=True``: 3x3 stride-1 convolutions with >= 16 input and output channels may run as Winograd
   F(4x4, 3x3) or F(2x2, 3x3) on float32 CPU tensors (ops/winograd.py: 4x or 2.25x fewer multiplications;
   C++ transforms fused, chunk by chunk, with a register-blocked matrix kernel). Which kernel pays depends on
-  the shapes, the thread count and the caches (per convolution, batch 8, F(4x4) against oneDNN: 1.5-2.9x
-  at 64-512 channels on 8x8 to 32x32 maps, but 0.6-0.9x with 512 channels on 4x4 maps, where reading U
-  (36 C K floats) for a few tiles costs more than it saves; on two threads smaller chunks win), so it is
+  the shapes, the mode, the thread count and the caches (benchmarks/ops.py, butterflies' convolutions,
+  batch 8, two threads, against oneDNN: F(4x4) 1.9-2.9x for inference from 64 channels on 32x32 maps to 512
+  on 4x4, F(2x2) or F(4x4) 2.3x in training at 64 channels on 32x32 falling to 0.85x on 4x4 maps, where the
+  filter transforms each step (16 or 36 C K floats, written and read three times) cost more than the
+  products save; the tiles per chunk move each of these by up to 1.5x), so it is
   measured, not guessed: at the first call for each input shape, layout, mode (inference, or training with
   its backward) and thread count, oneDNN and each of WINOGRAD_KERNELS run AUTOTUNE_RUNS times on random
   inputs of that shape and the fastest is kept for every convolution of those shapes (like cuDNN's
