@@ -253,9 +253,9 @@ static void forward(const Geometry& g, const float* x, const float* u, const flo
     }
 }
 
-// dx (B, H, W, C; zero on entry) and dU (P, K, C; positions spaced) from dy (B, H, W, K), x and u_kc = U^T (P, K, C)
-// as filters() writes it: either output may be null. Chunks of whole images share no input pixel and run in one pass; otherwise chunks two apart
-// share none: the even ones run first, then the odd ones. Thread 0 sums dU in du itself (round robin gives it the
+// dx (B, H, W, C; zero on entry) and dU (P, K, C; positions spaced) from dy (B, H, W, K), x and u_kc = U^T
+// (P, K, C) as filters() writes it: either output may be null. Chunks of whole images share no input pixel and
+// run in one pass; otherwise chunks two apart share none: the even ones run first, then the odd ones. Thread 0 sums dU in du itself (round robin gives it the
 // first chunk, which writes rather than adds), the others in their own copies, added at the end.
 template <int M>
 static void backward(const Geometry& g, const float* x, const float* u_kc, const float* dy, float* dx, float* du,

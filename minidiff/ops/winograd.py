@@ -30,8 +30,8 @@ dU[p] += dM[p]^T V[p] and dweight = G^T dU G (into the weight's own layout). On 
 sums dU over its chunks, the copies added at the end; where such a copy would be large against the transformed
 tiles (few tiles, many channels: 4x4 to 16x16 maps) the chunks write V and dM for all tiles instead, and each
 thread then computes whole positions of dU (at 256-512 channels on 4x4 maps, 0.3-0.5x the backward's time).
-The filter transforms read the weight in place, in any layout. Everything else takes the pure-torch reference (the same
-math, differentiated by autograd).
+The filter transforms read the weight in place, in any layout. Everything else takes the pure-torch reference
+(the same math, differentiated by autograd).
 """
 from __future__ import annotations
 
