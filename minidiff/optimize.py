@@ -23,8 +23,8 @@ benchmarks/results/unet_vs_diffusers.json):
   filter transforms each step (16 or 36 C K floats, written and read three times) cost more than the
   products save; the tiles per chunk move each of these by up to 1.5x), so it is
   measured, not guessed: at the first call for each input shape, layout, mode (inference, or training with
-  its backward) and thread count, oneDNN and each of WINOGRAD_KERNELS run AUTOTUNE_RUNS times on random
-  inputs of that shape and the fastest is kept for every convolution of those shapes (like cuDNN's
+  its backward) and thread count, oneDNN and each of WINOGRAD_KERNELS take turns for AUTOTUNE_RUNS rounds on
+  random inputs of that shape and the fastest is kept for every convolution of those shapes (like cuDNN's
   benchmark mode; it costs that first call about a second per distinct shape). Inference caches each
   convolution's filter transform until its weight changes; the backward recomputes the transformed input
   tiles, so training keeps what oneDNN keeps (each convolution's input). Outputs differ from oneDNN's by
@@ -64,7 +64,7 @@ _WINOGRAD_CACHE = "_minidiff_winograd"  # a convolution's (weight version, {tile
 WINOGRAD_MIN_CHANNELS = 16  # fewer input or output channels: the transforms cost more than they save
 # The Winograd kernels timed against oneDNN for each convolution shape: (tile m, tiles per chunk)
 WINOGRAD_KERNELS = ((4, 32), (4, 128), (2, 32), (2, 128))
-AUTOTUNE_RUNS = 3  # timed calls per kernel (after a warm-up); the fastest counts
+AUTOTUNE_RUNS = 3  # timed rounds of all kernels (after a warm-up call each); each kernel's fastest call counts
 _KERNEL_CHOICES: dict[tuple, tuple[int, int] | None] = {}  # see _kernel
 
 
@@ -123,16 +123,23 @@ def _is_winograd_candidate(module: nn.Module) -> bool:
             and min(module.in_channels, module.out_channels) >= WINOGRAD_MIN_CHANNELS)
 
 
-def _seconds(fn: Callable[[], Any], runs: int = AUTOTUNE_RUNS) -> float:
-    """The fastest of ``runs`` timed calls of ``fn`` after one warm-up call (the minimum: other processes
-    only ever add time)."""
+def _call_seconds(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
     fn()
-    best = float("inf")
-    for _ in range(runs):
-        start = time.perf_counter()
+    return time.perf_counter() - start
+
+
+def _fastest(fns: dict[Any, Callable[[], Any]], runs: int = AUTOTUNE_RUNS) -> Any:
+    """The key of the fastest of ``fns``: one warm-up call each, then ``runs`` rounds in which each runs once
+    (taking turns, so that the machine's drift hits all alike); each one's fastest call counts (other processes
+    only ever add time)."""
+    for fn in fns.values():
         fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(runs):
+        for key, fn in fns.items():
+            best[key] = min(best[key], _call_seconds(fn))
+    return min(best, key=best.get)
 
 
 def _autotune(x: torch.Tensor, conv: nn.Conv2d, training: bool) -> tuple[int, int] | None:
@@ -157,8 +164,7 @@ def _autotune(x: torch.Tensor, conv: nn.Conv2d, training: bool) -> tuple[int, in
             torch.autograd.grad(y, inputs, dy)
 
     with torch.enable_grad() if training else torch.no_grad():
-        times = {kernel: _seconds(functools.partial(run, kernel)) for kernel in (None, *WINOGRAD_KERNELS)}
-    return min(times, key=times.get)
+        return _fastest({kernel: functools.partial(run, kernel) for kernel in (None, *WINOGRAD_KERNELS)})
 
 
 def _kernel(x: torch.Tensor, conv: nn.Conv2d, training: bool) -> tuple[int, int] | None:

@@ -208,20 +208,24 @@ def test_missing_compiler_warns_and_uses_reference(monkeypatch, tmp_path):
 @needs_kernels
 @pytest.mark.parametrize("training", [False, True])
 def test_autotune_times_every_kernel_and_picks_the_fastest(monkeypatch, training):
+    """The kernels take turns, AUTOTUNE_RUNS rounds, and each one's fastest call counts."""
     conv = torch.nn.Conv2d(16, 24, 3, padding=1)
     x = torch.randn(2, 16, 8, 8).to(memory_format=torch.channels_last)
     kernels = [None, *optimize_module.WINOGRAD_KERNELS]
-    fake = dict(zip(kernels, [5.0, 4.0, 1.0, 3.0, 2.0]))  # (4, 128) the fastest
+    rounds = optimize_module.AUTOTUNE_RUNS
+    # seconds per round: (4, 128) steadily fast, (2, 32) slow but for its fastest call (the last round)
+    fake = dict(zip(kernels, [[5.0] * rounds, [4.0] * rounds, [1.0] * rounds, [3.0] * (rounds - 1) + [0.5],
+                              [2.0] * rounds]))
     ran = []
 
     def seconds(fn):
         fn()  # the real call: every kernel must run on these shapes
         ran.append(fn.args[0])
-        return fake[fn.args[0]]
+        return fake[fn.args[0]][ran.count(fn.args[0]) - 1]
 
-    monkeypatch.setattr(optimize_module, "_seconds", seconds)
-    assert optimize_module._autotune(x, conv, training) == (4, 128)
-    assert ran == kernels
+    monkeypatch.setattr(optimize_module, "_call_seconds", seconds)
+    assert optimize_module._autotune(x, conv, training) == (2, 32)
+    assert ran == kernels * rounds  # in turns, not one kernel's calls back to back
     assert conv.weight.grad is None  # the timing ran on copies
 
 
