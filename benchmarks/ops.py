@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from minidiff import ops
+from minidiff.files import write_json
 from minidiff.ops import winograd
 from minidiff.optimize import WINOGRAD_KERNELS
-from minidiff.files import write_json
 
 GN_SHAPES = [(8, 128, 32, 32), (8, 256, 16, 16), (8, 64, 64, 64)]
 # (B, tokens, channels), heads: cifar10's one wide head, heads of 32, and of 8 (the course UNet at 14x14,

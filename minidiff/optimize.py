@@ -18,8 +18,8 @@ benchmarks/results/unet_vs_diffusers.json):
   F(4x4, 3x3) or F(2x2, 3x3) on float32 CPU tensors (ops/winograd.py: 4x or 2.25x fewer multiplications;
   C++ transforms fused, chunk by chunk, with a register-blocked matrix kernel). Which kernel pays depends on
   the shapes, the mode, the thread count and the caches (benchmarks/ops.py, butterflies' convolutions,
-  batch 8, two threads, against oneDNN: F(4x4) 1.9-2.9x for inference from 64 channels on 32x32 maps to 512
-  on 4x4, F(2x2) or F(4x4) 2.3x in training at 64 channels on 32x32 falling to 0.85x on 4x4 maps, where the
+  batch 8, two threads, against oneDNN, the best kernel per shape: 1.85-2.94x for inference from 64 channels
+  on 32x32 maps to 512 on 4x4, 2.3x in training at 64 channels on 32x32 falling to 0.85x on 4x4 maps, where the
   filter transforms each step (16 or 36 C K floats, written and read three times) cost more than the
   products save; the tiles per chunk move each of these by up to 1.5x), so it is
   measured, not guessed: at the first call for each input shape, layout, mode (inference, or training with
