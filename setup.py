@@ -11,7 +11,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["minidiff", "minidiff.*"]),
-    package_data={"minidiff.pretrained": ["*/*.json", "*/*/*.json", "*/*/*.safetensors"], "minidiff.ops": ["*.cpp"]},
+    package_data={"minidiff": ["shipped/*/*.json", "shipped/*/*.md", "shipped/*/*/*.json", "shipped/*/*/*.safetensors"],
+                  "minidiff.kernels": ["*.cpp"]},
     install_requires=[
         "torch>=2.1",
         "torchvision",

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import minidiff
-from minidiff.architectures import CONDITIONING_MODES
+from minidiff.models.architectures import CONDITIONING_MODES
 from minidiff.files import write_json
 from minidiff.judge import Judge, judge_samples
 

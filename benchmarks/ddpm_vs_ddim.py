@@ -55,7 +55,7 @@ class TimedUNet(nn.Module):
 
 
 def load_model(name: str) -> tuple[nn.Module, minidiff.DDPMScheduler | minidiff.DDIMScheduler]:
-    from minidiff.pretrained import list_pretrained, pretrained
+    from minidiff.io import list_pretrained, pretrained
 
     if name in list_pretrained():
         return pretrained(name)

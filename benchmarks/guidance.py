@@ -25,8 +25,8 @@ import torch
 
 import minidiff
 from minidiff.files import write_json
-from minidiff.guidance import ColorGuidance
-from minidiff.pretrained import pretrained
+from minidiff.sampling.guidance import ColorGuidance
+from minidiff.io import pretrained
 
 
 def parse_args() -> argparse.Namespace:
@@ -46,7 +46,7 @@ def parse_args() -> argparse.Namespace:
 def _clip_guide(args: argparse.Namespace, device: torch.device) -> tuple[object, str]:
     import open_clip
 
-    from minidiff.clip import CLIPGuidance
+    from minidiff.sampling.clip import CLIPGuidance
 
     if args.clip_checkpoint:
         guide = CLIPGuidance("a red circle", n_cuts=args.n_cuts, model_name=args.clip_model,

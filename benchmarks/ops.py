@@ -5,7 +5,7 @@
 Each case runs the reference and each backend alternately (so load changes on a shared machine hit both
 alike), reports the median time of ``--runs`` runs after warm-up and the ratio reference / fused, prints
 a table and writes JSON. Threads: torch's setting unless ``--threads``. A CUDA section follows when CUDA
-is present. On the CPU, the Winograd 3x3 convolution (``minidiff.ops.winograd``, what
+is present. On the CPU, the Winograd 3x3 convolution (``minidiff.kernels.winograd``, what
 ``minidiff.optimize(unet, winograd=True)`` picks per shape) is timed against oneDNN's (``F.conv2d``), the
 baseline it must beat, rather than against its pure-torch reference: inference with the filter transform
 cached, and training (forward and backward), on channels_last tensors as ``optimize`` runs them.
@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 from minidiff import ops
 from minidiff.files import write_json
-from minidiff.ops import winograd
-from minidiff.optimize import WINOGRAD_KERNELS
+from minidiff.kernels import winograd
+from minidiff.kernels.optimize import WINOGRAD_KERNELS
 
 GN_SHAPES = [(8, 128, 32, 32), (8, 256, 16, 16), (8, 64, 64, 64)]
 # (B, tokens, channels), heads: cifar10's one wide head, heads of 32, and of 8 (the course UNet at 14x14,

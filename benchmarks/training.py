@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from minidiff import DDPMScheduler, UNet
-from minidiff.architectures import ARCHITECTURES
+from minidiff.models.architectures import ARCHITECTURES
 from minidiff.files import write_json
-from minidiff.train_setup import enable_gradient_checkpointing
+from minidiff.training.setup import enable_gradient_checkpointing
 
 MB = 2**20
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import minidiff
-from minidiff.architectures import ARCHITECTURES
+from minidiff.models.architectures import ARCHITECTURES
 
 ARCHS = ["ddpm-butterflies-32", "ddpm-cifar10-32", "course-mnist-28"]
 TARGET_EAGER, TARGET_FAST = 0.9, 0.6  # forward, x diffusers eager: minidiff eager, fastest minidiff.optimize

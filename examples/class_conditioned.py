@@ -9,7 +9,7 @@ how many generated digits show the requested class.
     python examples/class_conditioned.py --conditioning cross-attention --guidance_scale 2
     python examples/class_conditioned.py --max_steps 5000 --max_minutes 3   # whichever comes first
 
-Writes to --output_dir: the model (a pipeline folder: minidiff.UNet.from_pretrained(output_dir) loads it),
+Writes to --output_dir: the model (a pipeline folder: minidiff.load_unet(output_dir) loads it),
 samples.png (one row per class), metrics.json, and the training log of minidiff.training.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from torchvision.utils import save_image
 
 import minidiff
-from minidiff.architectures import CONDITIONING_MODES, class_conditional_config
+from minidiff.models.architectures import CONDITIONING_MODES, class_conditional_config
 from minidiff.data import Digits
 from minidiff.judge import Judge, judge_samples
 from minidiff.schedulers import PREDICTION_TYPES

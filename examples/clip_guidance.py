@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 import minidiff
-from minidiff.clip import CLIPGuidance
+from minidiff.sampling.clip import CLIPGuidance
 from minidiff.files import write_json
-from minidiff.pretrained import pretrained
-from minidiff.train_log import save_sample_grid
+from minidiff.io import pretrained
+from minidiff.training.log import save_sample_grid
 
 
 def parse_args() -> argparse.Namespace:

@@ -27,9 +27,9 @@ from torch import Tensor
 
 from minidiff import DDPMScheduler, load_scheduler, load_unet
 from minidiff.data import load_dataset
-from minidiff.pretrained import list_pretrained, pretrained
-from minidiff.train_log import fixed_seed_samples, save_sample_grid
-from minidiff.training import LR_SCHEDULES, MIXED_PRECISION, TrainConfig, Trainer
+from minidiff.io import list_pretrained, pretrained
+from minidiff.training.log import fixed_seed_samples, save_sample_grid
+from minidiff.training.trainer import LR_SCHEDULES, MIXED_PRECISION, TrainConfig, Trainer
 
 EMBEDDED = ("digits", "shapes", "stripes")
 

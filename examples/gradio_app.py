@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 import minidiff
-from minidiff.guidance import ColorGuidance, color_loss
-from minidiff.pretrained import pretrained
+from minidiff.sampling.guidance import ColorGuidance, color_loss
+from minidiff.io import pretrained
 
 DEFAULT_COLOR = "#55FFAA"
 EXAMPLES = [["#BB2266", 5], ["#44CCAA", 10]]

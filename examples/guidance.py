@@ -17,9 +17,9 @@ import torch
 
 import minidiff
 from minidiff.files import write_json
-from minidiff.guidance import ColorGuidance, color_loss, parse_color
-from minidiff.pretrained import pretrained
-from minidiff.train_log import save_sample_grid
+from minidiff.sampling.guidance import ColorGuidance, color_loss, parse_color
+from minidiff.io import pretrained
+from minidiff.training.log import save_sample_grid
 
 MODES = {"cheap": False, "through_unet": True}
 
@@ -29,7 +29,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--model", default="shapes-32", help="shipped model name or pipeline folder")
     p.add_argument("--target", default="0.1,0.9,0.5", help="'R,G,B' in [0, 1] or a hex colour")
     p.add_argument("--scales", type=float, nargs="+", default=[0, 10, 20, 40, 80])
-    p.add_argument("--schedule", default="none", help="gradient schedule (minidiff.guidance.SCHEDULES)")
+    p.add_argument("--schedule", default="none", help="gradient schedule (minidiff.sampling.guidance.SCHEDULES)")
     p.add_argument("--steps", type=int, default=40, help="DDIM steps (the course's 40)")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)

@@ -20,7 +20,7 @@ import torch
 
 from minidiff import DDPMScheduler, UNet, UNetConfig, load_pipeline, save_pipeline
 from minidiff.data import load_dataset
-from minidiff.train_log import MetricsLog, fixed_seed_samples, save_sample_grid
+from minidiff.training.log import MetricsLog, fixed_seed_samples, save_sample_grid
 from minidiff.training import TrainConfig, train
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1] / "minidiff" / "pretrained" / "shapes-32"

@@ -1,16 +1,13 @@
-"""minidiff: a small, exact, pure-PyTorch diffusion library (diffusers-compatible UNet, DDPM/DDIM,
-fine-tuning, guidance and conditioning). This module only re-exports the public API."""
-from .config import UNetConfig
-from .io import load_pipeline, load_scheduler, load_unet, save_pipeline
-from . import guidance
-from .models import UNet
-from .optimize import optimize
-from .pretrained import list_pretrained, pretrained
-from .sampling import sample
+"""minidiff: a small, exact, pure-PyTorch diffusion library (diffusers-compatible UNet, DDPM/DDIM, fine-tuning,
+guidance and conditioning). This module only re-exports the public API of its packages."""
+from .io import list_pretrained, load_pipeline, load_scheduler, load_unet, pretrained, save_pipeline, save_unet
+from .kernels import optimize, restore
+from .models import UNet, UNetConfig
+from .sampling import ColorGuidance, LossGuide, sample
 from .schedulers import DDIMScheduler, DDPMScheduler
 from .training import TrainConfig, Trainer, train
 
 __version__ = "0.1.0"
-__all__ = ["UNet", "UNetConfig", "DDPMScheduler", "DDIMScheduler", "sample", "load_unet", "load_scheduler",
-           "load_pipeline", "save_pipeline", "guidance", "list_pretrained", "pretrained",
-           "TrainConfig", "Trainer", "train", "optimize"]
+__all__ = ["ColorGuidance", "DDIMScheduler", "DDPMScheduler", "LossGuide", "TrainConfig", "Trainer", "UNet",
+           "UNetConfig", "list_pretrained", "load_pipeline", "load_scheduler", "load_unet", "optimize",
+           "pretrained", "restore", "save_pipeline", "save_unet", "sample", "train"]

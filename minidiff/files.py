@@ -1,5 +1,5 @@
-"""Small file helpers shared by the loaders and savers: strict JSON reading, atomic writes,
-and finding a component (``unet/``, ``scheduler/``) inside a diffusers folder."""
+"""Small file helpers shared by the loaders and savers: strict JSON reading, atomic writes, finding a
+component (``unet/``, ``scheduler/``) inside a diffusers folder, and minidiff's cache directory."""
 from __future__ import annotations
 
 import contextlib
@@ -10,6 +10,18 @@ from pathlib import Path
 from typing import Any, Iterator
 
 PathLike = str | os.PathLike
+DIFFUSERS_VERSION = "0.42.1"  # written into saved configs; diffusers reads them as its own
+# Keys diffusers writes into every config.json for its own bookkeeping; they never change a model or scheduler.
+BOOKKEEPING_KEYS = frozenset({"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"})
+
+
+def cache_dir(*parts: str) -> Path:
+    """``$MINIDIFF_CACHE/<parts>`` when the variable is set, else ``$XDG_CACHE_HOME/minidiff/<parts>``
+    (``~/.cache/minidiff/<parts>``)."""
+    root = os.environ.get("MINIDIFF_CACHE")
+    if not root:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "minidiff"
+    return Path(root).joinpath(*parts)
 
 
 def read_json(path: PathLike) -> dict[str, Any]:
@@ -39,6 +51,8 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; saved models should be readable like any file
     try:
         yield Path(tmp)
+        with open(tmp, "rb") as done:  # on disk before the rename makes it visible
+            os.fsync(done.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from .data import DATASET_NAMES, TORCHVISION_DATASETS, Digits, Shapes, load_dataset, random_translate
-from .files import atomic_path
+from .files import atomic_path, cache_dir
 
 JUDGE_VERSION = "1"  # part of the cache key: bump when the network or its training changes
 
@@ -67,9 +67,8 @@ def _splits(name: str, image_size: int, **dataset_kwargs) -> tuple[Dataset, Data
 
 
 def default_cache_dir() -> Path:
-    """``$MINIDIFF_CACHE/judge`` when the variable is set, else ``~/.cache/minidiff/judge``."""
-    root = os.environ.get("MINIDIFF_CACHE") or Path.home() / ".cache" / "minidiff"
-    return Path(root) / "judge"
+    """Where trained judges are kept: ``cache_dir("judge")`` (``$MINIDIFF_CACHE/judge`` when set)."""
+    return cache_dir("judge")
 
 
 class Judge:
@@ -194,7 +193,7 @@ def judge_samples(unet: nn.Module, scheduler, judge: Judge, *, samples_per_class
                   batch_size: int = 100, progress: bool = True) -> tuple[Tensor, Tensor, JudgeReport]:
     """Generate ``samples_per_class`` images of every class the judge knows (classes in order, so a grid
     with ``nrow=samples_per_class`` has one row per class) and score them: (images, labels, report)."""
-    from .sampling import sample  # judge sits above sampling; keep `import minidiff.judge` light
+    from .sampling import sample  # keep `import minidiff.judge` light
 
     labels = torch.arange(judge.num_classes).repeat_interleave(samples_per_class)
     generator = torch.Generator().manual_seed(seed)

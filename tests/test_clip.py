@@ -11,8 +11,8 @@ from torch import nn
 
 import minidiff
 from conftest import TINY
-from minidiff.clip import CLIPGuidance, load_clip
-from minidiff.guidance import guided_predictor
+from minidiff.sampling.clip import CLIPGuidance, load_clip
+from minidiff.sampling.guidance import guided_predictor
 
 open_clip = pytest.importorskip("open_clip")
 NAME = "minidiff-tiny-clip-test"

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import minidiff
-from minidiff.architectures import CONDITIONING_MODES, class_conditional_config
+from minidiff.models.architectures import CONDITIONING_MODES, class_conditional_config
 from minidiff.data import Digits
 from minidiff.training import TrainConfig, Trainer
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from minidiff import data
+from minidiff.data import embedded as data
 from minidiff.data import Digits, ImageFolder, Shapes, load_dataset, random_translate, torchvision_dataset
 
 

@@ -28,7 +28,7 @@ def test_class_conditioned_example_writes_model_grid_and_metrics(tmp_path, monke
     assert json.loads((out / "metrics.json").read_text()) == metrics
     assert metrics["count"] == 20 and len(metrics["per_class"]) == 10 and 0 <= metrics["accuracy"] <= 1
     assert metrics["conditioning"] == "additive" and metrics["train_steps"] == 3
-    unet = minidiff.UNet.from_pretrained(out)  # the pipeline folder: its unet/ (EMA weights)
+    unet = minidiff.load_unet(out)  # the pipeline folder: its unet/ (EMA weights)
     assert unet.config.num_class_embeds == 11 and unet.config.sample_size == 8  # 10 digits + the null class
     assert minidiff.load_scheduler(out).config.prediction_type == "v_prediction"
     grid = (out / "samples.png").read_bytes()

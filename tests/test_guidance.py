@@ -9,7 +9,7 @@ import torch
 
 import minidiff
 from conftest import TINY
-from minidiff.guidance import ColorGuidance, LossGuide, color_loss, guided_predictor, parse_color, schedule_factor
+from minidiff.sampling.guidance import ColorGuidance, LossGuide, color_loss, guided_predictor, parse_color, schedule_factor
 
 TARGET = (0.1, 0.9, 0.5)
 SCHEDULERS = (minidiff.DDPMScheduler, minidiff.DDIMScheduler)

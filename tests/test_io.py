@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import minidiff
-from minidiff import io
+from minidiff.io import folders as io
 from conftest import TINY, diffusers_twin
 
 
@@ -30,7 +30,7 @@ def _same_output(a, b) -> None:
 
 def test_minidiff_save_then_diffusers_loads(unet, tmp_path):
     from diffusers import UNet2DModel
-    unet.save_pretrained(tmp_path)
+    minidiff.save_unet(unet, tmp_path)
     assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
     assert json.loads((tmp_path / "config.json").read_text())["_class_name"] == "UNet2DModel"
     _same_output(unet, UNet2DModel.from_pretrained(tmp_path))
@@ -39,7 +39,7 @@ def test_minidiff_save_then_diffusers_loads(unet, tmp_path):
 @pytest.mark.parametrize("safe", [True, False])
 def test_diffusers_save_then_minidiff_loads(unet, tmp_path, safe):
     diffusers_twin(unet).save_pretrained(tmp_path, safe_serialization=safe)
-    loaded = minidiff.UNet.from_pretrained(tmp_path)
+    loaded = minidiff.load_unet(tmp_path)
     assert loaded.config == unet.config
     _same_output(unet, loaded)
 
@@ -47,9 +47,9 @@ def test_diffusers_save_then_minidiff_loads(unet, tmp_path, safe):
 def test_sharded_and_variant_checkpoints(unet, tmp_path):
     diffusers_twin(unet).save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
     assert (tmp_path / "sharded" / "diffusion_pytorch_model.safetensors.index.json").is_file()
-    _same_output(unet, minidiff.UNet.from_pretrained(tmp_path / "sharded"))
+    _same_output(unet, minidiff.load_unet(tmp_path / "sharded"))
     diffusers_twin(unet).save_pretrained(tmp_path / "variant", variant="fp16")
-    _same_output(unet, minidiff.UNet.from_pretrained(tmp_path / "variant", variant="fp16"))
+    _same_output(unet, minidiff.load_unet(tmp_path / "variant", variant="fp16"))
 
 
 def test_pipeline_folder_both_ways(unet, tmp_path):
@@ -95,7 +95,7 @@ def test_strict_loading_lists_every_problem(unet, tmp_path):
     save_file(state, tmp_path / "diffusion_pytorch_model.safetensors")
     (tmp_path / "config.json").write_text(json.dumps(unet.config.to_dict()))
     with pytest.raises(ValueError) as err:
-        minidiff.UNet.from_pretrained(tmp_path)
+        minidiff.load_unet(tmp_path)
     msg = str(err.value)
     assert "missing: conv_in.bias (16,)" in msg
     assert "unexpected: extra.weight (2,)" in msg
@@ -103,11 +103,11 @@ def test_strict_loading_lists_every_problem(unet, tmp_path):
 
 
 def test_corrupt_truncated_and_malicious_files(unet, tmp_path):
-    unet.save_pretrained(tmp_path)
+    minidiff.save_unet(unet, tmp_path)
     weights = tmp_path / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(ValueError, match="diffusion_pytorch_model.safetensors.*truncated or corrupt"):
-        minidiff.UNet.from_pretrained(tmp_path)
+        minidiff.load_unet(tmp_path)
     weights.unlink()
 
     class Evil:
@@ -116,25 +116,25 @@ def test_corrupt_truncated_and_malicious_files(unet, tmp_path):
     with open(tmp_path / "diffusion_pytorch_model.bin", "wb") as f:
         pickle.dump({"conv_in.weight": Evil()}, f)
     with pytest.raises(ValueError, match="diffusion_pytorch_model.bin"):
-        minidiff.UNet.from_pretrained(tmp_path)
+        minidiff.load_unet(tmp_path)
 
 
 def test_malformed_config_and_missing_files(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json: malformed JSON"):
-        minidiff.UNet.from_pretrained(tmp_path)
+        minidiff.load_unet(tmp_path)
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        minidiff.UNet.from_pretrained(tmp_path / "..")
+        minidiff.load_unet(tmp_path / "..")
     (tmp_path / "config.json").write_text(json.dumps(dict(TINY, down_block_types=["DownBlock2D", "WeirdBlock"])))
     with pytest.raises(ValueError, match="WeirdBlock"):
-        minidiff.UNet.from_pretrained(tmp_path)
+        minidiff.load_unet(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(TINY))
     with pytest.raises(FileNotFoundError, match="no diffusion_pytorch_model.safetensors"):
-        minidiff.UNet.from_pretrained(tmp_path)
+        minidiff.load_unet(tmp_path)
 
 
 def test_a_crash_while_saving_keeps_the_previous_file(unet, tmp_path, monkeypatch):
-    unet.save_pretrained(tmp_path)
+    minidiff.save_unet(unet, tmp_path)
     before = (tmp_path / "diffusion_pytorch_model.safetensors").read_bytes()
 
     def crash(*args, **kwargs):
@@ -144,6 +144,6 @@ def test_a_crash_while_saving_keeps_the_previous_file(unet, tmp_path, monkeypatc
     with torch.no_grad():
         unet.conv_in.weight.add_(1)
     with pytest.raises(KeyboardInterrupt):
-        unet.save_pretrained(tmp_path)
+        minidiff.save_unet(unet, tmp_path)
     assert (tmp_path / "diffusion_pytorch_model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]

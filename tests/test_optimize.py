@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import minidiff
-from minidiff.optimize import restore
+from minidiff.kernels.optimize import restore
 from conftest import TINY, random_unet
 
 CONDITIONAL = dict(_class_name="UNet2DConditionModel", sample_size=8, in_channels=4, out_channels=4,
@@ -69,8 +69,8 @@ def test_state_dict_keys_and_values_unchanged(pair, tmp_path):
     ref, state = unet.state_dict(), fast.state_dict()
     assert list(state) == list(ref)
     assert all(torch.equal(state[k], ref[k]) for k in ref)
-    fast.save_pretrained(tmp_path)  # safetensors needs contiguous tensors: save_unet must make them
-    loaded = minidiff.UNet.from_pretrained(tmp_path)
+    minidiff.save_unet(fast, tmp_path)  # safetensors needs contiguous tensors: save_unet must make them
+    loaded = minidiff.load_unet(tmp_path)
     assert all(torch.equal(v, ref[k]) for k, v in loaded.state_dict().items())
 
 

@@ -20,10 +20,10 @@ from safetensors.torch import load_file
 from torch.utils.data import Dataset, TensorDataset
 
 import minidiff
-from minidiff import checkpoint as ckpt
-from minidiff.ema import EMA, ema_decay_at
-from minidiff.pretrained import list_pretrained, pretrained
-from minidiff.train_setup import enable_gradient_checkpointing, stop_on_signals
+from minidiff.training import checkpoint as ckpt
+from minidiff.training.ema import EMA, ema_decay_at
+from minidiff.io import list_pretrained, pretrained
+from minidiff.training.setup import enable_gradient_checkpointing, stop_on_signals
 from minidiff.training import TrainConfig, Trainer, lr_factor, train
 
 FAST = dict(batch_size=4, log_samples_every=0, save_model_every=0, progress=False, lr=1e-3)

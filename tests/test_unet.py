@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 import minidiff
-from minidiff.architectures import ARCHITECTURES
-from minidiff.ops.reference import memory_format as memory_format_of
+from minidiff.models.architectures import ARCHITECTURES
+from minidiff.models.functional import memory_format as memory_format_of
 from conftest import TINY, diffusers_twin, random_unet
 
 

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import minidiff
-from minidiff.ops import winograd
-from minidiff.optimize import restore
+from minidiff.kernels import winograd
+from minidiff.kernels.optimize import restore
 from conftest import TINY, random_unet
 
 needs_kernels = pytest.mark.skipif(winograd._library() is None, reason="no C++ compiler for the Winograd kernels")

@@ -1,4 +1,7 @@
-"""The UNet and its building blocks."""
+"""The UNet, its configuration and its layers: pure nn.Modules that know nothing of files, schedulers or
+training."""
+from .architectures import ARCHITECTURES, class_conditional_config
+from .config import UNetConfig
 from .unet import UNet
 
-__all__ = ["UNet"]
+__all__ = ["ARCHITECTURES", "UNet", "UNetConfig", "class_conditional_config"]

@@ -1,5 +1,5 @@
 """Attention layers: the spatial self-attention of UNet2DModel blocks and the Transformer2D of
-UNet2DConditionModel blocks (diffusers-format.md sections 2.4 and 4)."""
+UNet2DConditionModel blocks (diffusers' ``attentions.j`` keys)."""
 from __future__ import annotations
 
 import torch
@@ -7,11 +7,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ..ops import attention
-from .resnet import norm_act
+from .functional import UsesOps
 
 
-class Attention(nn.Module):
+class Attention(UsesOps, nn.Module):
     """Multi-head attention softmax(Q K^T / sqrt(d)) V (Vaswani et al. 2017) over (B, L, C) sequences;
     keys and values come from ``context`` (cross-attention) or from the queries' own sequence."""
 
@@ -32,7 +31,7 @@ class Attention(nn.Module):
             q, k, v = F.linear(h, torch.cat([p.weight for p in projections]), bias).chunk(3, dim=-1)
         else:
             q, k, v = self.to_q(h), self.to_k(context), self.to_v(context)
-        out = attention(q, k, v, self.heads)  # (B, L, C)
+        out = self.ops.attention(q, k, v, self.heads)  # (B, L, C)
         return self.to_out[1](self.to_out[0](out))
 
 
@@ -47,7 +46,7 @@ class SpatialSelfAttention(Attention):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:  # (B, C, H, W)
         height = x.shape[2]  # context is unused: the signature matches Transformer2D's
-        h = norm_act(self.group_norm, x, "none") if self.group_norm is not None else x
+        h = self.norm_act(self.group_norm, x, "none") if self.group_norm is not None else x
         h = self.attend(rearrange(h, "b c h w -> b (h w) c"))
         out = x + rearrange(h, "b (h w) c -> b c h w", h=height)  # x first: the sum keeps x's memory format
         return out if self.rescale_output_factor == 1 else out / self.rescale_output_factor
@@ -94,7 +93,7 @@ class BasicTransformerBlock(nn.Module):
         return self.ff(self.norm3(h)) + h
 
 
-class Transformer2D(nn.Module):
+class Transformer2D(UsesOps, nn.Module):
     """GroupNorm, 1x1 projection in (conv, or linear with ``use_linear_projection``), transformer layers
     over the H*W tokens, projection out, plus the residual input (Rombach et al. 2022)."""
 
@@ -114,7 +113,7 @@ class Transformer2D(nn.Module):
         height = x.shape[2]
         to_tokens = lambda t: rearrange(t, "b c h w -> b (h w) c")  # noqa: E731
         to_map = lambda t: rearrange(t, "b (h w) c -> b c h w", h=height)  # noqa: E731
-        h = norm_act(self.norm, x, "none")
+        h = self.norm_act(self.norm, x, "none")
         h = self.proj_in(to_tokens(h)) if self.linear else to_tokens(self.proj_in(h))
         for block in self.transformer_blocks:
             h = block(h, context)  # (B, H*W, C)

@@ -1,4 +1,5 @@
-"""Down, mid and up blocks of the UNet, built from a UNetConfig (diffusers-format.md section 2.5).
+"""Down, mid and up blocks of the UNet, built from a UNetConfig (diffusers' ``down_blocks.i``, ``mid_block``
+and ``up_blocks.i`` keys).
 
 Each diffusers block type is one row of a table: which attention follows each resnet and how the block
 resamples, so the four down and four up block families are two classes instead of eight.
@@ -8,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import UNetConfig
 from .attention import SpatialSelfAttention, Transformer2D
+from .config import UNetConfig
 from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
 # block type -> (attention after each resnet, resampler); None for the resampler means "conv"

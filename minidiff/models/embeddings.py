@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -50,7 +51,7 @@ class FourierProjection(nn.Module):
 class TimestepEmbedding(nn.Module):
     """MLP lifting the projected timestep to the embedding width: linear_2(act(linear_1(x)))."""
 
-    def __init__(self, in_dim: int, dim: int, act: nn.Module):
+    def __init__(self, in_dim: int, dim: int, act: Callable[[torch.Tensor], torch.Tensor]):
         super().__init__()
         self.linear_1 = nn.Linear(in_dim, dim)
         self.act = act
@@ -58,8 +59,3 @@ class TimestepEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.act(self.linear_1(x)))
-
-
-def activation(name: str) -> nn.Module:
-    """The activation module for a diffusers ``act_fn`` name."""
-    return {"silu": nn.SiLU, "swish": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU, "relu": nn.ReLU}[name]()

@@ -1,23 +1,14 @@
-"""ResnetBlock2D and the conv resamplers (diffusers-format.md section 2.3)."""
+"""ResnetBlock2D and the conv resamplers (diffusers' ``resnets.j`` / ``downsamplers.0`` / ``upsamplers.0`` keys)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import group_norm_act
-
-# diffusers' act_fn names -> names understood by ops.group_norm_act, and the plain functions
-_ACT = {"silu": "silu", "swish": "silu", "mish": "mish", "gelu": "gelu", "relu": "relu"}
-_ACT_FNS = {"silu": F.silu, "mish": F.mish, "gelu": F.gelu, "relu": F.relu}
+from .functional import ACT_FN_NAMES, ACTIVATIONS, UsesOps
 
 
-def norm_act(norm: nn.GroupNorm, x: torch.Tensor, act: str, **kwargs) -> torch.Tensor:
-    """act(GroupNorm(x)) through the fused op, with the module's own parameters."""
-    return group_norm_act(x, norm.weight, norm.bias, norm.num_groups, norm.eps, act=act, **kwargs)
-
-
-class ResnetBlock2D(nn.Module):
+class ResnetBlock2D(UsesOps, nn.Module):
     """Pre-activation residual block with a timestep embedding (Ho et al. 2020, after Wide ResNet):
 
     h = conv1(act(norm1(x)));  h = norm2(h + W e)  or  norm2(h) * (1 + s) + b  with (s, b) = W e
@@ -29,7 +20,7 @@ class ResnetBlock2D(nn.Module):
                  act_fn: str = "silu", time_scale_shift: str = "default", dropout: float = 0.0,
                  output_scale_factor: float = 1.0, up: bool = False, down: bool = False):
         super().__init__()
-        self.act = _ACT[act_fn]
+        self.act = ACT_FN_NAMES[act_fn]
         self.scale_shift = time_scale_shift == "scale_shift"
         self.output_scale_factor = output_scale_factor
         self.up, self.down = up, down
@@ -49,15 +40,15 @@ class ResnetBlock2D(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:  # (B, Cin, H, W), (B, D)
-        h = norm_act(self.norm1, x, self.act)
+        h = self.norm_act(self.norm1, x, self.act)
         x, h = self._resample(x), self._resample(h)
         h = self.conv1(h)
-        t = self.time_emb_proj(_ACT_FNS[self.act](temb))
+        t = self.time_emb_proj(ACTIVATIONS[self.act](temb))
         if self.scale_shift:
             scale, shift = t.chunk(2, dim=1)
-            h = norm_act(self.norm2, h, self.act, scale=scale, shift=shift)
+            h = self.norm_act(self.norm2, h, self.act, scale=scale, shift=shift)
         else:
-            h = norm_act(self.norm2, h, self.act, add=t)
+            h = self.norm_act(self.norm2, h, self.act, add=t)
         h = self.conv2(self.dropout(h))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)

@@ -1,19 +1,18 @@
 """The UNet: diffusers' UNet2DModel and UNet2DConditionModel with the same weight names and numbers."""
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..config import UNetConfig
 from .blocks import BlockFactory, DownBlock, MidBlock, UpBlock
-from .embeddings import FourierProjection, SinusoidalProjection, TimestepEmbedding, activation
-from .resnet import norm_act
+from .config import UNetConfig
+from .embeddings import FourierProjection, SinusoidalProjection, TimestepEmbedding
+from .functional import ACT_FN_NAMES, UsesOps, activation
 
 
-class UNet(nn.Module):
+class UNet(UsesOps, nn.Module):
     """Noise-prediction UNet (Ronneberger et al. 2015; Ho et al. 2020) with optional class conditioning
     (added to the timestep embedding, concatenated as input channels, or attended to) and cross-attention.
 
@@ -29,7 +28,7 @@ class UNet(nn.Module):
         channels, dim = config.block_out_channels, config.time_embed_dim
         # UNet2DModel always uses SiLU for the time MLP and the output; UNet2DConditionModel uses act_fn
         act = config.act_fn if config.is_conditional else "silu"
-        self.out_act = "silu" if act == "swish" else act
+        self.out_act = ACT_FN_NAMES[act]
 
         self.conv_in = nn.Conv2d(config.in_channels + config.extra_input_channels, channels[0], 3, padding=1)
         self.time_proj, time_in = self._time_projection(config)
@@ -86,17 +85,6 @@ class UNet(nn.Module):
     def from_config(cls, config: UNetConfig | dict[str, Any]) -> "UNet":
         """A randomly initialised UNet from a UNetConfig or a diffusers config.json dict."""
         return cls(config if isinstance(config, UNetConfig) else UNetConfig.from_dict(config))
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> "UNet":
-        """Load a diffusers model folder, pipeline folder or flat google/ddpm-* repo (see minidiff.io)."""
-        from ..io import load_unet
-        return load_unet(path, **kwargs)
-
-    def save_pretrained(self, path: str | os.PathLike, **kwargs: Any) -> None:
-        """Write config.json + diffusion_pytorch_model.safetensors, loadable by diffusers."""
-        from ..io import save_unet
-        save_unet(self, path, **kwargs)
 
     # ------------------------------------------------------------------ forward
     def _timesteps(self, timestep: int | float | torch.Tensor, batch: int) -> torch.Tensor:
@@ -195,7 +183,7 @@ class UNet(nn.Module):
             h = self.mid_block(h, emb, context)
         for block in self.up_blocks:
             h = block(h, skips, emb, context)
-        out = self.conv_out(norm_act(self.conv_norm_out, h, self.out_act))
+        out = self.conv_out(self.norm_act(self.conv_norm_out, h, self.out_act))
         if self.config.time_embedding_type == "fourier":
             out = out / t.reshape(-1, 1, 1, 1).to(out.dtype)
         return out.contiguous()

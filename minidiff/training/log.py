@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .files import atomic_path
-from .sampling import sample
-from .schedulers import DDIMScheduler, DDPMScheduler
+from ..files import atomic_path
+from ..sampling import sample
+from ..schedulers import DDIMScheduler, DDPMScheduler
 
 
 class MetricsLog:

@@ -1,21 +1,16 @@
-"""The fast CPU path: a small C++/OpenMP library (cpu.cpp) built with the system compiler at first use.
+"""The fast CPU path of ``minidiff.optimize``: a small C++/OpenMP library (cpu.cpp), compiled with the system
+compiler when ``optimize`` first needs it and cached per source, compiler and CPU (``-march=native``).
 
-Why (measured on the 2-core Zen dev box, fp32, (8, 128, 32, 32)): the reference GroupNorm+SiLU makes two
-passes over memory and two temporaries; torch.compile fuses them but ran only 1.15x faster after a 20 s
-compile in a fresh process. Here each (sample, group) task computes its statistics, then writes
-act(x k + off) while the group is still in L2, 8 lanes at a time with an inline exp (libm's expf does not
-vectorise): 0.43 ms on two threads, 1.7-8x the reference in benchmarks/ops.py, which counts the allocations
-as the UNet sees them. Training gets a backward kernel too (GroupNormAct: statistics recomputed from x, two
-passes over x and dy), 1.5-1.9x autograd through the reference, and it saves only x where autograd saves
-the normalised and activated tensors as well. Without torch headers the library compiles in ~1 s; it links
-the libgomp that torch has loaded (same soname), so torch.set_num_threads applies; ctypes releases the GIL.
-No compiler: a one-time warning, then the reference ops.
-Covered: float32 and bfloat16 (backward: float32), contiguous or channels_last, activations silu/relu/none.
-Attention with heads of 8 or 16 channels (float32; the course UNet's and butterflies' heads of 8): torch's
-CPU flash attention runs such heads at ~12 GFLOP/s; here one task per (batch, head) keeps the head's keys
-and values in L1 and scores 8 keys x 4-6 queries (or, forward with heads of 8, 8 queries on the vector lanes
-against one key) at a time with the inline exp: 2.3-3x SDPA, forward and backward, at (8, 196 tokens, 8
-heads of 8).
+- GroupNorm(+add, scale/shift)+activation: each (sample, group) task computes its statistics, then writes
+  act(x k + off) while the group is still in cache, 8 lanes at a time with an inline exp (libm's expf does not
+  vectorise): one read and one write of x where the reference makes several passes and temporaries. The
+  backward (GroupNormAct) recomputes the statistics from x and saves only x.
+- Attention with heads of 8 or 16 channels, where torch's CPU attention is slow: one task per (batch, head)
+  keeps the head's keys and values in L1 and scores several keys against several queries at a time; the
+  backward recomputes the probabilities from the saved row log-sum-exps.
+Covered: float32 and bfloat16 (GroupNorm backward and attention: float32), contiguous or channels_last,
+activations silu/relu/none. The library links the libgomp torch has loaded, so torch.set_num_threads applies;
+ctypes releases the GIL. No compiler: a one-time warning, and the pure-torch ops run instead.
 """
 from __future__ import annotations
 
@@ -26,14 +21,15 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import threading
 import warnings
 from pathlib import Path
 
 import torch
 
-from ..files import atomic_path
-from .reference import memory_format
+from ..files import atomic_path, cache_dir
+from ..models.functional import memory_format
 
 _SOURCE = Path(__file__).with_name("cpu.cpp")
 _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-march=native", "-fno-math-errno", "-fno-trapping-math"]
@@ -41,15 +37,9 @@ KERNEL_ACTIVATIONS = {"none": 0, "silu": 1, "relu": 2}
 # narrow heads, where torch's CPU attention is slow (d = 8: 2.3-3x SDPA's forward and backward; d = 16: its
 # forward's speed, 1.5x its backward; d = 32: 0.8x, so SDPA keeps it)
 ATTENTION_HEAD_DIMS = (8, 16)
-UPDATE_COEFFICIENTS = ("cx", "cm", "clip", "p0", "px", "pm", "sigma")
 _DTYPES = (torch.float32, torch.bfloat16)
 _lock = threading.Lock()
 _library: ctypes.CDLL | None | bool = None  # None: not built yet; False: building failed
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("MINIDIFF_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return Path(root) / "minidiff"
 
 
 def _cpu_signature() -> str:
@@ -63,15 +53,16 @@ def _cpu_signature() -> str:
 def build(code: str | None = None, name: str = "ops_cpu") -> Path:
     """Compile C++ ``code`` (with OpenMP if the compiler has it) into the cache as a shared library named
     after ``name``, once per code and CPU; the path of the library. ``code`` defaults to cpu.cpp's kernels;
-    ops/winograd.py builds its own with it."""
+    winograd.py builds its own with it."""
     code = _SOURCE.read_text() if code is None else code
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         raise FileNotFoundError("no C++ compiler found (set CXX)")
     key = hashlib.sha256("\n".join([code, compiler, *_FLAGS, _cpu_signature()]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"{name}_{key}.so"
+    target = cache_dir("kernels") / f"{name}_{key}.so"
     if target.exists():
         return target
+    print(f"minidiff: compiling the C++ kernels {name} (once per CPU; cached in {target.parent})", file=sys.stderr)
     source = target.with_suffix(".cpp")
     with atomic_path(source) as tmp:
         tmp.write_text(code)
@@ -89,7 +80,7 @@ def build(code: str | None = None, name: str = "ops_cpu") -> Path:
     raise OSError(f"{compiler} failed: {errors[-1]}")
 
 
-def _load() -> ctypes.CDLL | None:
+def load() -> ctypes.CDLL | None:
     """The built library, or None (after a one-time warning) when it cannot be built."""
     global _library
     with _lock:
@@ -97,7 +88,7 @@ def _load() -> ctypes.CDLL | None:
             try:
                 _library = _declare(ctypes.CDLL(str(build())))
             except (OSError, subprocess.SubprocessError) as err:
-                warnings.warn(f"minidiff.ops: the fast CPU kernels are unavailable ({err}); "
+                warnings.warn(f"minidiff.kernels: the fast CPU kernels are unavailable ({err}); "
                               "using the reference ops", RuntimeWarning, stacklevel=3)
                 _library = False
         return _library or None
@@ -106,11 +97,10 @@ def _load() -> ctypes.CDLL | None:
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     ptr, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     lib.md_group_norm_act.argtypes = [i32, i32, i32, ptr, ptr] + [ptr] * 5 + [i64] * 4 + [f32]
-    lib.md_scheduler_update.argtypes = [i32] + [ptr] * 5 + [i64] + [f32] * 7
     lib.md_group_norm_act_backward.argtypes = [i32, i32] + [ptr] * 13 + [i64] * 4 + [f32]
     lib.md_attention.argtypes = [i64] + [ptr] * 5 + [i64] * 7 + [f32]
     lib.md_attention_backward.argtypes = [i64] + [ptr] * 9 + [i64] * 7 + [f32]
-    for fn in (lib.md_group_norm_act, lib.md_scheduler_update, lib.md_group_norm_act_backward, lib.md_attention,
+    for fn in (lib.md_group_norm_act, lib.md_group_norm_act_backward, lib.md_attention,
                lib.md_attention_backward):
         fn.restype = None
     return lib
@@ -122,7 +112,7 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 def supports_group_norm(x: torch.Tensor, act: str) -> bool:
     return (x.device.type == "cpu" and x.dtype in _DTYPES and act in KERNEL_ACTIVATIONS and x.numel() > 0
-            and _load() is not None)
+            and load() is not None)
 
 
 def group_norm_act(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, num_groups: int,
@@ -134,7 +124,7 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
     y = torch.empty_like(x)
     # float32 contiguous copies (none for float32 parameters), held here while the kernel reads them
     params = [None if t is None else t.detach().float().contiguous() for t in (weight, bias, add, scale, shift)]
-    _load().md_group_norm_act(int(x.dtype == torch.bfloat16), KERNEL_ACTIVATIONS[act], int(nhwc), _ptr(x), _ptr(y),
+    load().md_group_norm_act(int(x.dtype == torch.bfloat16), KERNEL_ACTIVATIONS[act], int(nhwc), _ptr(x), _ptr(y),
                               *map(_ptr, params), x.shape[0], x.shape[1], math.prod(x.shape[2:]), num_groups, eps)
     return y
 
@@ -172,7 +162,7 @@ class GroupNormAct(torch.autograd.Function):
         grads = {name: x.new_empty(batch, channels) if t is not None and needs[i] else None
                  for i, (name, t) in enumerate((("add", add), ("scale", scale), ("shift", shift)), start=3)}
         params = [None if t is None else t.detach().contiguous() for t in (weight, bias, add, scale, shift)]
-        _load().md_group_norm_act_backward(
+        load().md_group_norm_act_backward(
             KERNEL_ACTIVATIONS[ctx.act], int(nhwc), _ptr(x), _ptr(dy), _ptr(dx), *map(_ptr, params), _ptr(dw),
             _ptr(db), *(_ptr(g) for g in grads.values()), batch, channels, math.prod(x.shape[2:]),
             ctx.num_groups, ctx.eps)
@@ -180,26 +170,11 @@ class GroupNormAct(torch.autograd.Function):
                 db.sum(0) if bias is not None and needs[2] else None, *grads.values(), None, None, None)
 
 
-def supports_update(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype in _DTYPES and _load() is not None
-
-
-def scheduler_update(x: torch.Tensor, m: torch.Tensor, noise: torch.Tensor | None, coefficients: dict[str, float]
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prev, x0) of the linear update given by ``coefficients`` (cx, cm, clip, p0, px, pm, sigma)."""
-    x, m = x.contiguous(), m.to(x.dtype).contiguous()
-    noise = None if noise is None else noise.to(x.dtype).contiguous()
-    prev, x0 = torch.empty_like(x), torch.empty_like(x)
-    _load().md_scheduler_update(int(x.dtype == torch.bfloat16), _ptr(x), _ptr(m), _ptr(noise), _ptr(prev),
-                                _ptr(x0), x.numel(), *(coefficients[k] for k in UPDATE_COEFFICIENTS))
-    return prev, x0
-
-
 def supports_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> bool:
     """The attention kernels: float32 CPU tensors, heads of ATTENTION_HEAD_DIMS channels."""
     return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32
             and q.shape[2] // heads in ATTENTION_HEAD_DIMS and q.numel() > 0 and k.shape[1] > 0
-            and _load() is not None)
+            and load() is not None)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -224,7 +199,7 @@ class Attention(torch.autograd.Function):
         q, k, v = map(_rows, (q, k, v))
         o = q.new_empty(q.shape)
         lse = q.new_empty(q.shape[0], heads, q.shape[1]) if any(ctx.needs_input_grad) else None
-        _attention_call(_load().md_attention, q, k, heads, q, k, v, o, lse)
+        _attention_call(load().md_attention, q, k, heads, q, k, v, o, lse)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.heads = heads
         return o
@@ -234,6 +209,6 @@ class Attention(torch.autograd.Function):
     def backward(ctx, dout: torch.Tensor):
         q, k, v, o, lse = ctx.saved_tensors
         dq, dk, dv = (t.new_empty(t.shape) for t in (q, k, v))
-        _attention_call(_load().md_attention_backward, q, k, ctx.heads, q, k, v, o, dout.contiguous(), lse, dq,
+        _attention_call(load().md_attention_backward, q, k, ctx.heads, q, k, v, o, dout.contiguous(), lse, dq,
                         dk, dv)
         return dq, dk, dv, None

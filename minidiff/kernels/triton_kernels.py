@@ -1,6 +1,6 @@
-"""Triton kernels for CUDA: fused GroupNorm(+add, scale/shift)+activation and the fused scheduler update.
+"""Triton kernel for CUDA: fused GroupNorm(+add, scale/shift)+activation.
 
-Forward only (the dispatcher runs the differentiable reference when autograd records). They also run on
+Forward only (the fused ops run the differentiable reference when autograd records). They also run on
 CPU tensors under TRITON_INTERPRET=1 (set before triton is imported), which is how the tests check them.
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .cpu import KERNEL_ACTIVATIONS, UPDATE_COEFFICIENTS
-from .reference import memory_format
+from ..models.functional import memory_format
+from .cpu import KERNEL_ACTIVATIONS
 
 _MAX_BLOCK = 2048
 
@@ -92,32 +92,3 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
         *(t is not None for t in params), ACT=KERNEL_ACTIVATIONS[act],
         BLOCK=block, num_warps=max(1, min(8, block // 256)))
     return y
-
-
-@triton.jit
-def _scheduler_update_kernel(x_ptr, m_ptr, noise_ptr, prev_ptr, x0_ptr, numel, cx, cm, clip, p0, px, pm, sigma,
-                             HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr):
-    # x0 = clamp(cx x + cm m, -clip, clip); prev = p0 x0 + px x + pm m + sigma noise
-    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = idx < numel
-    x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    m = tl.load(m_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    x0 = tl.minimum(tl.maximum(cx * x + cm * m, -clip), clip)
-    prev = p0 * x0 + px * x + pm * m
-    if HAS_NOISE:
-        prev += sigma * tl.load(noise_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    tl.store(x0_ptr + idx, x0.to(x0_ptr.dtype.element_ty), mask=mask)
-    tl.store(prev_ptr + idx, prev.to(prev_ptr.dtype.element_ty), mask=mask)
-
-
-def scheduler_update(x: torch.Tensor, m: torch.Tensor, noise: torch.Tensor | None, coefficients: dict[str, float]
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prev, x0) of the linear update given by ``coefficients`` (cx, cm, clip, p0, px, pm, sigma)."""
-    x, m = x.contiguous(), m.to(x.dtype).contiguous()
-    noise = None if noise is None else noise.to(x.dtype).contiguous()
-    prev, x0 = torch.empty_like(x), torch.empty_like(x)
-    block = 1024
-    _scheduler_update_kernel[(triton.cdiv(x.numel(), block),)](
-        x, m, x if noise is None else noise, prev, x0, x.numel(),
-        *(coefficients[k] for k in UPDATE_COEFFICIENTS), HAS_NOISE=noise is not None, BLOCK=block)
-    return prev, x0

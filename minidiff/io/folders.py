@@ -17,10 +17,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import UNetConfig
-from .files import atomic_path, component_dir, read_json, write_json
-from .models.unet import UNet
-from .schedulers import DDIMScheduler, DDPMScheduler
+from ..files import DIFFUSERS_VERSION, atomic_path, component_dir, read_json, write_json
+from ..models import UNet, UNetConfig
+from ..schedulers import DDIMScheduler, DDPMScheduler
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
 SCHEDULERS = {"DDPMScheduler": DDPMScheduler, "DDIMScheduler": DDIMScheduler}
@@ -133,10 +132,10 @@ def save_pipeline(unet: UNet, scheduler: DDPMScheduler | DDIMScheduler, path: st
                   pipeline_class: str | None = None) -> None:
     """Write a pipeline folder (model_index.json, unet/, scheduler/) that diffusers' DDPMPipeline loads."""
     folder = Path(path)
-    unet.save_pretrained(folder / "unet")
+    save_unet(unet, folder / "unet")
     scheduler.save_pretrained(folder / "scheduler")
     scheduler_class = type(scheduler).__name__
     pipeline_class = pipeline_class or ("DDIMPipeline" if scheduler_class == "DDIMScheduler" else "DDPMPipeline")
     write_json(folder / "model_index.json", {
-        "_class_name": pipeline_class, "_diffusers_version": "0.42.1",
+        "_class_name": pipeline_class, "_diffusers_version": DIFFUSERS_VERSION,
         "scheduler": ["diffusers", scheduler_class], "unet": ["diffusers", unet.config.model_class]})

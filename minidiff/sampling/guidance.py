@@ -11,7 +11,7 @@ so it works alike for DDPM and DDIM and composes with classifier-free guidance a
 The per-sample losses are summed over the batch so a sample's step does not depend on the batch size.
 
 A guide is any object with ``scale``, ``schedule``, ``clip_grad_norm`` and ``loss(x0) -> (B,)``;
-``LossGuide`` wraps a function, ``ColorGuidance`` is the course's colour loss, ``minidiff.clip`` has CLIP.
+``LossGuide`` wraps a function, ``ColorGuidance`` is the course's colour loss, ``minidiff.sampling.clip`` has CLIP.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 from torch import Tensor
 
-from .schedulers import DDIMScheduler, DDPMScheduler
+from ..schedulers import DDIMScheduler, DDPMScheduler
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 Predictor = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]

@@ -1,14 +1,14 @@
-"""Models shipped inside the package, as diffusers pipeline folders (``<name>/model_index.json``,
-``unet/``, ``scheduler/``, and a README.md model card saying how each was trained)."""
+"""Models shipped inside the package (``minidiff/shipped/<name>/``), as diffusers pipeline folders
+(``model_index.json``, ``unet/``, ``scheduler/``, and a README.md model card saying how each was trained)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..io import load_pipeline
 from ..models import UNet
 from ..schedulers import DDIMScheduler, DDPMScheduler
+from .folders import load_pipeline
 
-ROOT = Path(__file__).parent
+ROOT = Path(__file__).parent.parent / "shipped"
 
 
 def list_pretrained() -> list[str]:

@@ -1,4 +1,4 @@
-// Winograd F(m x m, 3x3) kernels of ops/winograd.py (its docstring explains them). ops/winograd.py puts
+// Winograd F(m x m, 3x3) kernels of winograd.py (its docstring explains them). winograd.py puts
 // the transform tables, written from its MATRICES, in place of the TABLES marker below before compiling.
 #include <algorithm>
 #include <cstdint>

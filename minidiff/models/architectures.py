@@ -1,5 +1,4 @@
-"""diffusers config.json dicts of real checkpoints' UNets (read from the hub configs; see
-shared/reference/diffusers-format.md section 3). Tests prove parity on them and benchmarks time them:
+"""diffusers config.json dicts of real checkpoints' UNets (as published on the Hugging Face hub). Tests prove parity on them and benchmarks time them:
 ``UNet.from_config(ARCHITECTURES["ddpm-cifar10-32"])`` builds the architecture with random weights."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-// The fast CPU kernels of ops/cpu.py (its docstring explains them), compiled at first use.
+// The fast CPU kernels of cpu.py (its docstring explains them), compiled at first use.
 #include <cmath>
 #include <cstdint>
 #include <algorithm>
@@ -358,29 +358,6 @@ extern "C" void md_group_norm_act_backward(int act, int nhwc, const float* x, co
     }
 }
 
-// x0 = clamp(cx x + cm m, -clip, clip); prev = p0 x0 + px x + pm m + sigma noise (one pass, see ops/__init__).
-template <typename T, bool NOISE>
-static void scheduler_update(const T* x, const T* m, const T* noise, T* prev, T* x0, int64_t n, float cx,
-                             float cm, float clip, float p0, float px, float pm, float sigma) {
-    #pragma omp parallel for simd schedule(static)
-    for (int64_t i = 0; i < n; ++i) {
-        const float xi = load(x[i]), mi = load(m[i]);
-        float e = cx * xi + cm * mi;
-        e = e < -clip ? -clip : (e > clip ? clip : e);
-        store(x0 + i, e);
-        store(prev + i, p0 * e + px * xi + pm * mi + (NOISE ? sigma * load(noise[i]) : 0.0f));
-    }
-}
-
-template <typename T>
-static void scheduler_update(const void* x, const void* m, const void* noise, void* prev, void* x0, int64_t n,
-                             float cx, float cm, float clip, float p0, float px, float pm, float sigma) {
-    if (noise) scheduler_update<T, true>((const T*)x, (const T*)m, (const T*)noise, (T*)prev, (T*)x0, n, cx, cm,
-                                         clip, p0, px, pm, sigma);
-    else scheduler_update<T, false>((const T*)x, (const T*)m, nullptr, (T*)prev, (T*)x0, n, cx, cm, clip, p0, px,
-                                    pm, sigma);
-}
-
 #define GN_ARGS const float* w, const float* b, const float* add, const float* sc, const float* sh, \
     int64_t B, int64_t C, int64_t hw, int64_t G, float eps
 #define GN_PASS w, b, add, sc, sh, B, C, hw, G, eps
@@ -399,13 +376,6 @@ static void group_norm_act(const void* x, void* y, int act, int nhwc, GN_ARGS) {
 
 extern "C" void md_group_norm_act(int bf, int act, int nhwc, const void* x, void* y, GN_ARGS) {
     if (bf) group_norm_act<bf16>(x, y, act, nhwc, GN_PASS); else group_norm_act<float>(x, y, act, nhwc, GN_PASS);
-}
-
-extern "C" void md_scheduler_update(int bf, const void* x, const void* m, const void* noise, void* prev, void* x0,
-                                    int64_t n, float cx, float cm, float clip, float p0, float px, float pm,
-                                    float sigma) {
-    if (bf) scheduler_update<bf16>(x, m, noise, prev, x0, n, cx, cm, clip, p0, px, pm, sigma);
-    else scheduler_update<float>(x, m, noise, prev, x0, n, cx, cm, clip, p0, px, pm, sigma);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -626,7 +596,7 @@ static void attention_backward(const Heads& a, const float* q, const float* k, c
     }
 }
 
-#define HEAD_DIMS(CALL) if (d == 8) CALL(1); else CALL(2);  // ops/cpu.py's ATTENTION_HEAD_DIMS
+#define HEAD_DIMS(CALL) if (d == 8) CALL(1); else CALL(2);  // cpu.py's ATTENTION_HEAD_DIMS
 
 extern "C" void md_attention(int64_t d, const float* q, const float* k, const float* v, float* o, float* lse,
                              int64_t B, int64_t heads, int64_t Lq, int64_t Lk, int64_t ldq, int64_t ldk, int64_t ldv,

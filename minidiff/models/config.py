@@ -10,19 +10,20 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from ..files import BOOKKEEPING_KEYS, DIFFUSERS_VERSION
+from .functional import ACT_FN_NAMES
+
 UNET_2D = "UNet2DModel"
 UNET_2D_CONDITION = "UNet2DConditionModel"
 
 DOWN_BLOCK_TYPES = ("DownBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D", "CrossAttnDownBlock2D")
 UP_BLOCK_TYPES = ("UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D", "CrossAttnUpBlock2D")
 MID_BLOCK_TYPES = ("UNetMidBlock2D", "UNetMidBlock2DCrossAttn", None)
-ACTIVATIONS = ("silu", "swish", "mish", "gelu", "relu")
+ACTIVATIONS = tuple(ACT_FN_NAMES)
 # None/"timestep"/"identity" are diffusers' (added to the timestep embedding); "concat" broadcasts a label
 # embedding as extra input channels, "cross_attention" makes it a one-token sequence for cross-attention.
 CLASS_EMBED_TYPES = (None, "timestep", "identity", "concat", "cross_attention")
 
-# Bookkeeping keys diffusers writes; they never change the model.
-IGNORED_KEYS = {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"}
 # Known diffusers fields minidiff does not implement: accepted only at their default value.
 UNSUPPORTED_FIELDS: dict[str, Any] = {
     "encoder_hid_dim": None, "encoder_hid_dim_type": None, "addition_embed_type": None,
@@ -61,7 +62,7 @@ def _per_block(value: Any, n: int, name: str) -> tuple:
 
 @dataclass(frozen=True)
 class UNetConfig:
-    """Architecture of a UNet; see diffusers-format.md section 1.2 for every field's meaning."""
+    """Architecture of a UNet; field names, meanings and defaults are diffusers'."""
 
     model_class: str = UNET_2D  # written as _class_name: "UNet2DModel" or "UNet2DConditionModel"
     sample_size: int | tuple[int, int] | None = None
@@ -208,7 +209,7 @@ class UNetConfig:
         values = dict(CONDITION_DEFAULTS) if model_class == UNET_2D_CONDITION else {}
         names = {f.name for f in dataclasses.fields(cls)}
         for key, value in data.items():
-            if key in IGNORED_KEYS:
+            if key in BOOKKEEPING_KEYS:
                 continue
             if key in UNSUPPORTED_FIELDS:
                 if _tuple(value) != UNSUPPORTED_FIELDS[key]:
@@ -227,7 +228,7 @@ class UNetConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The config.json dict diffusers reads (minidiff-only fields only when they are used)."""
-        data: dict[str, Any] = {"_class_name": self.model_class, "_diffusers_version": "0.42.1"}
+        data: dict[str, Any] = {"_class_name": self.model_class, "_diffusers_version": DIFFUSERS_VERSION}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.name == "model_class" or (f.name in MINIDIFF_FIELDS and value == f.default):

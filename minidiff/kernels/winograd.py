@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu
-from .reference import memory_format
+from ..models.functional import memory_format
 
 TILES = (2, 4)  # output tile sizes m
 # m -> (B^T (a, a), G (a, 3), A^T (m, a)); F(4x4, 3x3) interpolates at 0, +-1, +-2 and infinity
@@ -64,7 +64,7 @@ MATRICES = {
 # more often); on two threads 32 often wins (V and M stay in each core's L2). minidiff.optimize times both.
 CHUNK_TILES = 128
 
-_SOURCE = Path(__file__).with_name("winograd.cpp")  # built with ops/cpu.py's build()
+_SOURCE = Path(__file__).with_name("winograd.cpp")  # built with cpu.py's build()
 
 
 @functools.cache
@@ -96,12 +96,12 @@ def _tables() -> str:
 
 
 @functools.cache
-def _library() -> ctypes.CDLL | None:
-    """The kernels, built once (ops/cpu.py's build), or None after a warning when they cannot be built."""
+def load() -> ctypes.CDLL | None:
+    """The kernels, built once (cpu.py's build), or None after a warning when they cannot be built."""
     try:
         lib = ctypes.CDLL(str(cpu.build(_SOURCE.read_text().replace("@TABLES@", _tables()), "winograd")))
     except (OSError, subprocess.SubprocessError) as err:
-        warnings.warn(f"minidiff.ops.winograd: the C++ kernels are unavailable ({err}); using the pure-torch "
+        warnings.warn(f"minidiff.kernels.winograd: the C++ kernels are unavailable ({err}); using the pure-torch "
                       "transforms", RuntimeWarning, stacklevel=3)
         return None
     lib.md_winograd_forward.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 6
@@ -125,7 +125,7 @@ def _check_tile(tile: int) -> None:
 def _positions(like: torch.Tensor, positions: int, rows: int, cols: int) -> torch.Tensor:
     """An empty (positions, rows * cols) array for the kernels, its rows a little more than rows * cols apart
     (winograd.cpp's spaced(): rows read together must not share a cache set)."""
-    stride = _library().md_winograd_spaced(rows * cols)
+    stride = load().md_winograd_spaced(rows * cols)
     return like.new_empty(positions, stride)[:, :rows * cols]
 
 
@@ -143,7 +143,7 @@ def _filter(weight: torch.Tensor, tile: int, transposed: bool = False) -> torch.
     k, c = weight.shape[:2]
     rows, cols = (k, c) if transposed else (c, k)
     u = _positions(weight, (tile + 2) ** 2, rows, cols)
-    _library().md_winograd_filter(tile, weight.data_ptr(), *_filter_strides(weight, transposed), u.data_ptr(), rows,
+    load().md_winograd_filter(tile, weight.data_ptr(), *_filter_strides(weight, transposed), u.data_ptr(), rows,
                                   cols)
     return u
 
@@ -219,7 +219,7 @@ class _WinogradConv(torch.autograd.Function):
         x = x.permute(0, 2, 3, 1).contiguous()  # (B, H, W, C): a view for channels_last input
         bias = None if bias is None else bias.contiguous()
         y = x.new_empty(b, h, w, k)
-        _library().md_winograd_forward(tile, x.data_ptr(), u.data_ptr(), _ptr(bias), y.data_ptr(), b, h, w, c, k,
+        load().md_winograd_forward(tile, x.data_ptr(), u.data_ptr(), _ptr(bias), y.data_ptr(), b, h, w, c, k,
                                        _chunk_rows(tile, b, h, w, chunk_tiles))
         ctx.save_for_backward(x, weight)  # the backward recomputes V from x
         ctx.tile, ctx.chunk_tiles = tile, chunk_tiles
@@ -229,7 +229,7 @@ class _WinogradConv(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy: torch.Tensor):
         (x, weight), tile, needs = ctx.saved_tensors, ctx.tile, ctx.needs_input_grad
-        (b, h, w, c), k, lib = x.shape, weight.shape[0], _library()
+        (b, h, w, c), k, lib = x.shape, weight.shape[0], load()
         dy_nhwc = dy.permute(0, 2, 3, 1).contiguous()
         dx = x.new_zeros(x.shape) if needs[0] else None
         du = _positions(x, (tile + 2) ** 2, k, c) if needs[1] else None  # dU^T
@@ -250,7 +250,7 @@ def has_fast_path(x: torch.Tensor, weight: torch.Tensor) -> bool:
     channels in multiples of 8 (the kernels' vector width), a compiler."""
     return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.numel() > 0
             and x.shape[1] % 8 == 0 and weight.shape[0] % 8 == 0 and not torch.compiler.is_compiling()
-            and _library() is not None)
+            and load() is not None)
 
 
 def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, tile: int = 4,
@@ -271,7 +271,7 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         y = _reference(x, u, bias, tile)
     else:  # _WinogradConv computes the weight's gradient itself: U is only a value
         k, c = weight.shape[:2]
-        layout = ((tile + 2) ** 2, c * k), (_library().md_winograd_spaced(c * k), 1)
+        layout = ((tile + 2) ** 2, c * k), (load().md_winograd_spaced(c * k), 1)
         if u is None or (u.shape, u.stride()) != layout:
             u = _filter(weight, tile)
         y = _WinogradConv.apply(x, weight, bias, u.detach(), tile, chunk_tiles)

@@ -32,11 +32,11 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .distributed import EpochBatches, barrier, data_loader, gather_objects, mean_and_any, setup_distributed
 from .ema import EMA
-from .files import write_json
-from .io import save_pipeline
-from .schedulers import DDIMScheduler, DDPMScheduler
-from .train_log import MetricsLog, fixed_seed_samples, grid_labels, save_sample_grid
-from .train_setup import (autocast_dtype, enable_gradient_checkpointing, prepare_unet, seed_everything,
+from ..files import write_json
+from ..io import save_pipeline, save_unet
+from ..schedulers import DDIMScheduler, DDPMScheduler
+from .log import MetricsLog, fixed_seed_samples, grid_labels, save_sample_grid
+from .setup import (autocast_dtype, enable_gradient_checkpointing, prepare_unet, seed_everything,
                           split_batch, stop_on_signals)
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -300,7 +300,7 @@ class Trainer:
         self.metrics.plot(self.output_dir / "loss.png")
         save_pipeline(self.ema.model if self.ema else self.unet, self.scheduler, self.output_dir)
         if self.ema is not None:
-            self.unet.save_pretrained(self.output_dir / "unet_raw")
+            save_unet(self.unet, self.output_dir / "unet_raw")
         write_json(self.output_dir / "training_config.json", c.to_dict())
 
     def log_samples(self) -> Path | None:

@@ -1,4 +1,5 @@
-"""DDPM and DDIM schedulers: immutable noise schedules, pure step math, a diffusers-compatible facade.
+"""What every scheduler shares: the frozen config of diffusers' common fields, the schedule tensors, timesteps,
+the x0/eps/v conversions, the forward process and config I/O.
 
 A scheduler holds a frozen config (diffusers' ``scheduler_config.json`` field names) and the float32
 tensors ``betas``, ``alphas``, ``alphas_cumprod`` (alpha_bar), built once. Nothing changes after
@@ -17,19 +18,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .files import PathLike, component_dir, read_json, write_json
+from ..files import BOOKKEEPING_KEYS, DIFFUSERS_VERSION, PathLike, component_dir, read_json, write_json
 from .schedules import make_betas
 
 CONFIG_NAME = "scheduler_config.json"
-DIFFUSERS_VERSION = "0.42.1"  # written into saved configs; diffusers reads them as its own
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
-# fixed_large_log is left out: diffusers takes sqrt(log(beta)) there, which is NaN.
-VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range")
 # Keys of diffusers scheduler configs that never change the math: bookkeeping, and keys of old versions
 # (``timestep_values`` and ``tensor_format`` appear in the google/ddpm-* configs).
-IGNORED_KEYS = frozenset({"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values",
-                          "timestep_values", "tensor_format"})
+IGNORED_KEYS = BOOKKEEPING_KEYS | {"timestep_values", "tensor_format"}
 _TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str}
 
 Generator = torch.Generator | Sequence[torch.Generator] | None
@@ -93,25 +90,6 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
-class DDPMSchedulerConfig(SchedulerConfig):
-    variance_type: str = "fixed_small"     # posterior variance: beta_tilde, beta, or learned (see VARIANCE_TYPES)
-
-    choices: ClassVar[dict[str, tuple[str, ...]]] = {
-        **SchedulerConfig.choices,
-        "beta_schedule": SchedulerConfig.choices["beta_schedule"] + ("sigmoid", "laplace"),
-        "variance_type": VARIANCE_TYPES,
-    }
-
-
-@dataclass(frozen=True)
-class DDIMSchedulerConfig(SchedulerConfig):
-    set_alpha_to_one: bool = True          # alpha_bar after the last step: 1, or alpha_bar_0 if False
-
-
-_KNOWN_FIELDS = frozenset(f.name for c in (DDPMSchedulerConfig, DDIMSchedulerConfig) for f in dataclasses.fields(c))
-
-
-@dataclass(frozen=True)
 class SchedulerOutput:
     prev_sample: Tensor            # x_{prev_t}
     pred_original_sample: Tensor   # the (clipped) predicted x0
@@ -140,9 +118,15 @@ def randn(shape: Sequence[int], *, generator: Generator = None, device: torch.de
     return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
 
 
-class _Scheduler:
+class Scheduler:
     """Shared facade: schedule tensors, timesteps, x0 prediction, forward process, config I/O."""
     config_class: ClassVar[type[SchedulerConfig]] = SchedulerConfig
+    # the config fields of every scheduler class: a key one of them knows is not an unknown key to the others
+    _known_fields: ClassVar[set[str]] = set()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        Scheduler._known_fields.update(f.name for f in dataclasses.fields(cls.config_class))
 
     def __init__(self, **fields: Any) -> None:
         self._config = self.config_class(**fields)
@@ -161,20 +145,21 @@ class _Scheduler:
         return f"{type(self).__name__}({self._config})"
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any] | SchedulerConfig) -> "_Scheduler":
+    def from_config(cls, config: Mapping[str, Any] | SchedulerConfig) -> "Scheduler":
         """Build from a config dict (e.g. a parsed scheduler_config.json) or a config of either scheduler.
         Bookkeeping/obsolete keys (IGNORED_KEYS) and the fields only the other scheduler uses are dropped;
         any other unknown key raises ValueError, since it could change the math."""
         data = config.to_dict() if isinstance(config, SchedulerConfig) else dict(config)
-        unknown = sorted(set(data) - _KNOWN_FIELDS - IGNORED_KEYS)
+        known = Scheduler._known_fields
+        unknown = sorted(set(data) - known - IGNORED_KEYS)
         if unknown:
             raise ValueError(f"{cls.__name__}: unsupported config keys {unknown}; known fields: "
-                             f"{sorted(_KNOWN_FIELDS)}")
+                             f"{sorted(known)}")
         own = {f.name for f in dataclasses.fields(cls.config_class)}
         return cls(**{key: value for key, value in data.items() if key in own})
 
     @classmethod
-    def from_pretrained(cls, path: PathLike) -> "_Scheduler":
+    def from_pretrained(cls, path: PathLike) -> "Scheduler":
         """Load ``scheduler_config.json`` from a pipeline folder's ``scheduler/`` or from ``path`` itself."""
         file = component_dir(path, "scheduler", CONFIG_NAME) / CONFIG_NAME
         data = read_json(file)
@@ -270,112 +255,3 @@ class _Scheduler:
         if noise is not None or not needed:
             return noise
         return randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
-
-
-class DDPMScheduler(_Scheduler):
-    """Ancestral sampling of Ho et al. 2020 over any descending subset of timesteps."""
-    config_class = DDPMSchedulerConfig
-
-    def previous_timestep(self, t: int | Tensor, num_inference_steps: int) -> int:
-        """The entry after ``t`` in ``timesteps(num_inference_steps)``, or -1 after the last one."""
-        ts = self.timesteps(num_inference_steps).tolist()
-        if int(t) not in ts:
-            raise ValueError(f"timestep {int(t)} is not one of timesteps({num_inference_steps}) = {ts}")
-        i = ts.index(int(t))
-        return ts[i + 1] if i + 1 < len(ts) else -1
-
-    def _split(self, model_output: Tensor, sample: Tensor) -> tuple[Tensor, Tensor | None]:
-        if not self._config.variance_type.startswith("learned"):
-            return super()._split(model_output, sample)
-        channels = sample.shape[1]
-        if model_output.ndim != sample.ndim or model_output.shape[1] != 2 * channels:
-            raise ValueError(f"variance_type={self._config.variance_type!r} needs a model output with 2 x "
-                             f"{channels} channels (prediction, variance), got shape {tuple(model_output.shape)}")
-        prediction, variance = model_output.split(channels, dim=1)
-        return super()._split(prediction, sample)[0], variance
-
-    def update(self, model_output: Tensor, t: int, prev_t: int, sample: Tensor,
-               noise: Tensor | None = None) -> SchedulerOutput:
-        """Sample x_{prev_t} ~ q(x_{prev_t} | x_t, x0) (Ho et al. 2020 eq. 6/7, generalised to a jump
-        t -> prev_t): with alpha' = a_t / a_p and beta' = 1 - alpha',
-        mean = sqrt(a_p) beta' / (1 - a_t) x0 + sqrt(alpha') (1 - a_p) / (1 - a_t) x_t, plus std * noise
-        at every t > 0 (diffusers' rule: only t = 0 returns the bare mean)."""
-        t, prev_t = int(t), int(prev_t)
-        model_output, predicted_variance = self._split(model_output, sample)
-        a_t = self._alphas_cumprod[t]
-        a_p = self._alphas_cumprod[prev_t] if prev_t >= 0 else torch.tensor(1.0)
-        alpha = a_t / a_p
-        beta = 1 - alpha
-        x0 = self._clip(self._x0_eps(model_output, t, sample)[0])
-        mean = (a_p ** 0.5 * beta) / (1 - a_t) * x0 + alpha ** 0.5 * (1 - a_p) / (1 - a_t) * sample
-        if t == 0:
-            return SchedulerOutput(mean, x0)
-        if noise is None:
-            raise ValueError(f"DDPM update at t={t} > 0 needs noise")
-        return SchedulerOutput(mean + self._std(beta, a_t, a_p, predicted_variance) * noise, x0)
-
-    def _std(self, beta: Tensor, a_t: Tensor, a_p: Tensor, predicted_variance: Tensor | None) -> Tensor:
-        """Posterior std: beta_tilde = (1 - a_p) / (1 - a_t) beta' (eq. 7, "fixed_small") or beta'
-        ("fixed_large", sec. 3.2); "learned_range" interpolates their logs (Nichol & Dhariwal 2021 eq. 15)."""
-        small = torch.clamp((1 - a_p) / (1 - a_t) * beta, min=1e-20)
-        kind = self._config.variance_type
-        if kind == "fixed_small":
-            return small ** 0.5
-        if kind == "fixed_small_log":  # the same value, computed as diffusers does for bitwise parity
-            return torch.exp(0.5 * torch.log(small))
-        if kind == "fixed_large":
-            return beta ** 0.5
-        if kind == "learned":
-            return predicted_variance ** 0.5
-        frac = (predicted_variance + 1) / 2
-        return torch.exp(0.5 * (frac * torch.log(beta) + (1 - frac) * torch.log(small)))
-
-    def step(self, model_output: Tensor, timestep: int | Tensor, sample: Tensor, *, num_inference_steps: int,
-             generator: Generator = None, noise: Tensor | None = None) -> SchedulerOutput:
-        """One step of an N-step schedule; noise is drawn (randn of the sample's shape) only when t > 0."""
-        t = int(timestep)
-        prev_t = self.previous_timestep(t, num_inference_steps)
-        noise = self._noise(t > 0, sample, generator, noise)
-        return self.update(model_output, t, prev_t, sample, noise)
-
-
-class DDIMScheduler(_Scheduler):
-    """Denoising diffusion implicit models (Song et al. 2021): eta = 0 is deterministic, eta = 1 is DDPM-like."""
-    config_class = DDIMSchedulerConfig
-
-    def previous_timestep(self, t: int | Tensor, num_inference_steps: int) -> int:
-        """t - T // N, whatever the spacing (diffusers' rule; with "linspace" it is not the next entry)."""
-        return int(t) - self.num_train_timesteps // self._check_steps(num_inference_steps)
-
-    def update(self, model_output: Tensor, t: int, prev_t: int, sample: Tensor, noise: Tensor | None = None,
-               *, eta: float = 0.0, use_clipped_model_output: bool = False) -> SchedulerOutput:
-        """Song et al. 2021 eq. 12: x_prev = sqrt(a_p) x0 + sqrt(1 - a_p - sigma^2) eps + sigma noise, with
-        sigma = eta sqrt((1 - a_p) / (1 - a_t)) sqrt(1 - a_t / a_p) (eq. 16); a_p = 1 (or alpha_bar_0 when
-        set_alpha_to_one is False) past the end. ``use_clipped_model_output`` recomputes eps from the
-        clipped x0."""
-        t, prev_t = int(t), int(prev_t)
-        model_output, _ = self._split(model_output, sample)
-        a_t = self._alphas_cumprod[t]
-        a_p = self._alphas_cumprod[prev_t] if prev_t >= 0 else (
-            torch.tensor(1.0) if self._config.set_alpha_to_one else self._alphas_cumprod[0])
-        x0, eps = self._x0_eps(model_output, t, sample)
-        x0 = self._clip(x0)
-        if use_clipped_model_output:
-            eps = (sample - a_t ** 0.5 * x0) / (1 - a_t) ** 0.5
-        sigma = eta * ((1 - a_p) / (1 - a_t) * (1 - a_t / a_p)) ** 0.5
-        prev = a_p ** 0.5 * x0 + (1 - a_p - sigma ** 2) ** 0.5 * eps
-        if eta > 0:
-            if noise is None:
-                raise ValueError(f"DDIM update with eta={eta} > 0 needs noise")
-            prev = prev + sigma * noise
-        return SchedulerOutput(prev, x0)
-
-    def step(self, model_output: Tensor, timestep: int | Tensor, sample: Tensor, *, num_inference_steps: int,
-             generator: Generator = None, noise: Tensor | None = None, eta: float = 0.0,
-             use_clipped_model_output: bool = False) -> SchedulerOutput:
-        """One step of an N-step schedule; noise is drawn only when eta > 0."""
-        t = int(timestep)
-        prev_t = self.previous_timestep(t, num_inference_steps)
-        noise = self._noise(eta > 0, sample, generator, noise)
-        return self.update(model_output, t, prev_t, sample, noise, eta=eta,
-                           use_clipped_model_output=use_clipped_model_output)

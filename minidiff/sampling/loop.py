@@ -13,8 +13,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..schedulers import DDIMScheduler, DDPMScheduler, Generator, SchedulerOutput, randn
 from .guidance import Denoiser, Guide, guided_predictor
-from .schedulers import DDIMScheduler, DDPMScheduler, Generator, SchedulerOutput, randn
 
 Callback = Callable[[int, Tensor, Tensor, SchedulerOutput], None]
 

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .files import read_json, write_json
-from .io import check_state_dict, load_state_dict
+from ..files import read_json, write_json
+from ..io.folders import check_state_dict, load_state_dict, save_unet
 
 TRAINING_STATE, TRAINER_STATE = "training_state.pt", "trainer_state.json"
 
@@ -82,9 +82,9 @@ def save_checkpoint(folder: str | os.PathLike, *, unet: nn.Module, ema_model: nn
                     rng_states: list[dict[str, Any]], info: dict[str, Any]) -> Path:
     """Write a checkpoint folder atomically (see the module docstring)."""
     with atomic_dir(folder) as tmp:
-        unet.save_pretrained(tmp / "unet")
+        save_unet(unet, tmp / "unet")
         if ema_model is not None:
-            ema_model.save_pretrained(tmp / "ema")
+            save_unet(ema_model, tmp / "ema")
         torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                     "rng": rng_states}, tmp / TRAINING_STATE)
         write_json(tmp / TRAINER_STATE, info)

@@ -1,52 +1,28 @@
 """``minidiff.optimize(unet)``: the one-line opt-in fast path, for inference and training.
 
-What it combines, and why (measured on the 2-core AVX2 dev box, float32, batch 8; the numbers are in
-benchmarks/results/unet_vs_diffusers.json):
-- ``channels_last`` weights. Convolutions are most of the forward; oneDNN's NHWC kernels run the 3x3
-  ones ~10% faster (up to 1.5x on 4x4 maps), the C++ GroupNorm+act kernels (forward and backward) read
-  NHWC directly, and attention's (B, C, H, W) -> (B, H*W, C) becomes a view instead of a copy. Every
-  activation follows the weights' layout from conv_in on; the output is made contiguous again. A plain
-  UNet already runs CPU inference and guidance with channels_last activations, and oneDNN then converts
-  each weight at each call (~4% of a cifar10-32 forward), which channels_last weights save. Training gains
-  little from it here.
-- ``compile=True``: torch.compile (inductor) of the forward with the pure-torch reference ops (the
-  C++/Triton kernels are opaque to the compiler and would split the graph), so inductor fuses
-  GroupNorm+act and the residual adds itself. With ``freeze`` inference calls use inductor's
-  "freezing": the weights become constants, prepacked for oneDNN with bias and activation fused into
-  the convolutions. A compile takes minutes on a small CPU, and again for each new input shape.
-- ``winograd=True``: 3x3 stride-1 convolutions with >= 16 input and output channels may run as Winograd
-  F(4x4, 3x3) or F(2x2, 3x3) on float32 CPU tensors (ops/winograd.py: 4x or 2.25x fewer multiplications;
-  C++ transforms fused, chunk by chunk, with a register-blocked matrix kernel). Which kernel pays depends on
-  the shapes, the mode, the thread count and the caches (benchmarks/ops.py, butterflies' convolutions,
-  batch 8, two threads, against oneDNN, the best kernel per shape: 1.85-2.94x for inference from 64 channels
-  on 32x32 maps to 512 on 4x4, 2.3x in training at 64 channels on 32x32 falling to 0.85x on 4x4 maps, where the
-  filter transforms each step (16 or 36 C K floats, written and read three times) cost more than the
-  products save; the tiles per chunk move each of these by up to 1.5x), so it is
-  measured, not guessed: at the first call for each input shape, layout, mode (inference, or training with
-  its backward) and thread count, oneDNN and each of WINOGRAD_KERNELS take turns for AUTOTUNE_RUNS rounds on
-  random inputs of that shape and the fastest is kept for every convolution of those shapes (like cuDNN's
-  benchmark mode; it costs that first call about a second per distinct shape). Inference caches each
-  convolution's filter transform until its weight changes; the backward recomputes the transformed input
-  tiles, so training keeps what oneDNN keeps (each convolution's input). Outputs differ from oneDNN's by
-  ~1e-5 relative (F(4x4); whole UNets 4e-6 to 1e-5). Not with ``compile`` (the kernels are opaque to it).
-  Whole UNets: see the README's table.
-Measured and left out: prepacking oneDNN conv weights without the compiler (< 2%, and only through
-private ops), and channels_last weights as the UNet's default (they would save the plain UNet the
-per-call weight conversion, but then ``safetensors.torch.save_file(unet.state_dict())`` refuses the
-non-contiguous weights).
-
-``optimize`` works in place and returns ``unet``; ``restore(unet)`` undoes it (import it from
-``minidiff.optimize``). Parameter names, values and state_dict keys are unchanged (save_pretrained
-writes contiguous copies), so saving, loading, EMA and optimizers behave as before. Autograd works
-through every path. A frozen graph runs only for calls that record no gradient (``torch.no_grad``, as
-``minidiff.sample`` does) and only while the weights are the ones it was built from (the parameters'
-version counters tell: an optimizer step or load_state_dict changes them); other calls run the
-unfrozen compiled graph, until ``optimize`` is called again to freeze the current weights.
+A minidiff model runs pure PyTorch by default and builds nothing. ``optimize`` changes one model, in place:
+- ``kernels``: its layers' GroupNorm+activation and attention run the fused kernels of ``fused.py`` (C++ on
+  CPU tensors by default; see ``fused.KERNELS``), set per layer, so other models keep their own ops;
+- ``channels_last``: NHWC weights and activations (oneDNN's NHWC convolutions, and the C++ GroupNorm kernels
+  read NHWC directly); the output is made contiguous again;
+- ``winograd`` (CPU, float32): each 3x3 stride-1 convolution with >= WINOGRAD_MIN_CHANNELS channels runs the
+  fastest of oneDNN and the Winograd kernels of ``winograd.py``, timed at its first call for each input shape,
+  layout, mode (inference, or training with its backward) and thread count, like cuDNN's benchmark mode;
+  inference caches each convolution's filter transform until its weight changes;
+- ``compile``: torch.compile of the forward with the pure-torch ops (the C++ kernels are opaque to the compiler),
+  and with ``freeze`` inductor's freezing for calls that record no gradient, while the weights are the ones the
+  frozen graph was built from (the parameters' version counters tell). Not with ``winograd``.
+The C++ kernels are compiled when ``optimize`` is called (once per CPU, then cached; it says so on stderr).
+Parameter names, values and state_dict keys are unchanged, so saving, loading, EMA and optimizers behave as
+before; outputs equal the plain model's to float tolerance. ``restore(unet)`` undoes it. What each option
+gains is measured by benchmarks/unet_vs_diffusers.py and benchmarks/ops.py (numbers in the README).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import sys
 import time
 import types
 from typing import Any, Callable
@@ -54,10 +30,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import ops
-from .models import UNet
-from .ops.reference import memory_format
-from .ops.winograd import has_fast_path, prepare_weight, winograd_conv3x3
+from ..models import UNet
+from ..models.functional import UsesOps, memory_format
+from . import cpu, winograd
+from .fused import KERNELS, ops_for
+from .winograd import has_fast_path, prepare_weight, winograd_conv3x3
 
 _STATE = "_minidiff_optimize"  # the attribute holding what restore() must undo
 _WINOGRAD_CACHE = "_minidiff_winograd"  # a convolution's (weight version, {tile: transformed weight})
@@ -112,7 +89,7 @@ def _fast_forward(unet: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
             # inductor reads the flag when it compiles a graph (the guards then pin the parameters'
             # identity); torch.compile(options={"freezing": True}) does not reach that point
             freezing, compiled = inductor_config.patch(freezing=True), state["frozen"]
-    with ops.backend("reference"), freezing:
+    with freezing:
         return compiled(unet, *args, **kwargs)
 
 
@@ -173,6 +150,9 @@ def _kernel(x: torch.Tensor, conv: nn.Conv2d, training: bool) -> tuple[int, int]
     key = (tuple(x.shape), memory_format(x), conv.out_channels, conv.bias is not None, training,
            torch.get_num_threads())
     if key not in _KERNEL_CHOICES:
+        if not _KERNEL_CHOICES:
+            print("minidiff.optimize: timing oneDNN against the Winograd kernels at the first call of each "
+                  "convolution shape (once per shape, mode and thread count)", file=sys.stderr)
         _KERNEL_CHOICES[key] = _autotune(x, conv, training)
     return _KERNEL_CHOICES[key]
 
@@ -199,32 +179,56 @@ def _winograd_forward(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return winograd_conv3x3(x, weight, conv.bias, tile=tile, chunk_tiles=chunk, transformed_weight=cached[1][tile])
 
 
-def optimize(unet: UNet, *, channels_last: bool = True, compile: bool = False, freeze: bool = True,
-             compile_backend: str = "inductor", winograd: bool = False) -> UNet:
-    """Make ``unet`` (a minidiff UNet) faster in place, with the same outputs to float tolerance;
-    returns it. See the module docstring for what each option does and costs.
+def _build_cpu_kernels(winograd_too: bool) -> None:
+    """Compile (or find in the cache) the C++ kernels now rather than at some later forward."""
+    cpu.load()
+    if winograd_too:
+        winograd.load()
 
-    ``channels_last``: NHWC weights and activations. ``compile``: torch.compile the forward
-    (``compile_backend``, e.g. "inductor", or "aot_eager" to check a model traces). ``freeze``: with
-    compile and inductor, fold the weights into the inference graph. ``winograd``: Winograd F(4x4, 3x3)
-    or F(2x2, 3x3) for the 3x3 convolutions of >= 16 channels where it is faster than oneDNN, timed at the
-    first call of each shape (CPU, float32; not with ``compile``).
-    Calling ``optimize`` again on an optimized model first restores it, so the options of the last call
-    apply.
+
+def optimize(unet: UNet, *, kernels: str | None = None, channels_last: bool = True, winograd: bool | None = None,
+             compile: bool = False, freeze: bool = True, compile_backend: str = "inductor") -> UNet:
+    """Make ``unet`` (a minidiff UNet) faster in place, with the same outputs to float tolerance; returns it.
+    See the module docstring for what each option does.
+
+    ``kernels``: the fused ops of its layers, one of fused.KERNELS; default "auto" (the environment variable
+    MINIDIFF_KERNELS overrides the default, a debugging aid), "reference" with ``compile``. ``channels_last``:
+    NHWC weights and activations. ``winograd``: time Winograd against oneDNN per convolution shape and keep the
+    faster (CPU, float32); default on unless ``compile``. ``compile``: torch.compile the forward
+    (``compile_backend``, e.g. "inductor", or "aot_eager" to check a model traces); ``freeze``: with compile
+    and inductor, fold the weights into the inference graph.
+    Calling ``optimize`` again on an optimized model first restores it, so the options of the last call apply.
     """
-    for name, value in (("channels_last", channels_last), ("compile", compile), ("freeze", freeze),
-                        ("winograd", winograd)):
+    for name, value in (("channels_last", channels_last), ("compile", compile), ("freeze", freeze)):
         if not isinstance(value, bool):
             raise TypeError(f"optimize: {name} must be a bool, got {value!r}")
+    if winograd is not None and not isinstance(winograd, bool):
+        raise TypeError(f"optimize: winograd must be a bool or None, got {winograd!r}")
     if not isinstance(unet, UNet):
         raise TypeError(f"optimize expects a minidiff UNet, got {type(unet).__name__}")
     if winograd and compile:
         raise ValueError("optimize: winograd=True runs C++ kernels that torch.compile cannot trace; "
                          "use it without compile=True")
+    if kernels is None:
+        kernels = "reference" if compile else os.environ.get("MINIDIFF_KERNELS", "auto")
+    if kernels not in KERNELS:
+        raise ValueError(f"optimize: kernels={kernels!r} is not known; allowed: {list(KERNELS)}")
+    if compile and kernels != "reference":
+        raise ValueError("optimize: compile=True traces the pure-torch ops; the fused kernels are opaque to it "
+                         f"(got kernels={kernels!r}; leave it out or pass 'reference')")
+    winograd = not compile if winograd is None else winograd
+    ops = ops_for(kernels)
     restore(unet)
-    state: dict[str, Any] = {"channels_last": channels_last, "compile": compile, "winograd": []}
+    on_cpu = unet.device.type == "cpu"
+    if on_cpu and (winograd or kernels in ("auto", "cpu")):
+        _build_cpu_kernels(winograd)
+    state: dict[str, Any] = {"channels_last": channels_last, "compile": compile, "winograd": [], "ops": []}
     if channels_last:  # the activations follow the weights' layout from conv_in on
         unet.to(memory_format=torch.channels_last)
+    if kernels != "reference":
+        state["ops"] = [m for m in unet.modules() if isinstance(m, UsesOps)]
+        for module in state["ops"]:
+            module.ops = ops
     if winograd:
         state["winograd"] = [m for m in unet.modules() if _is_winograd_candidate(m)]
         for conv in state["winograd"]:  # partials, like unet.forward below
@@ -241,7 +245,7 @@ def optimize(unet: UNet, *, channels_last: bool = True, compile: bool = False, f
 
 
 def restore(unet: UNet) -> UNet:
-    """Undo ``optimize``: contiguous weights and the classes' forwards; returns ``unet``. A no-op on a
+    """Undo ``optimize``: contiguous weights, the classes' forwards and the pure-torch ops; returns ``unet``. A no-op on a
     model that is not optimized."""
     state = unet.__dict__.pop(_STATE, None)
     if state is None:
@@ -250,6 +254,8 @@ def restore(unet: UNet) -> UNet:
     for conv in state["winograd"]:
         conv.__dict__.pop("forward", None)
         conv.__dict__.pop(_WINOGRAD_CACHE, None)
+    for module in state["ops"]:
+        module.__dict__.pop("ops", None)
     if state["channels_last"]:
         unet.to(memory_format=torch.contiguous_format)
     return unet
