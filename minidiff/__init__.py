@@ -3,11 +3,11 @@ guidance and conditioning). This module only re-exports the public API of its pa
 from .io import list_pretrained, load_pipeline, load_scheduler, load_unet, pretrained, save_pipeline, save_unet
 from .kernels import optimize, restore
 from .models import UNet, UNetConfig
-from .sampling import ColorGuidance, LossGuide, sample
-from .schedulers import DDIMScheduler, DDPMScheduler
+from .sampling import ColorGuidance, LossGuide, invert, sample
+from .schedulers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from .training import TrainConfig, Trainer, train
 
 __version__ = "0.1.0"
-__all__ = ["ColorGuidance", "DDIMScheduler", "DDPMScheduler", "LossGuide", "TrainConfig", "Trainer", "UNet",
-           "UNetConfig", "list_pretrained", "load_pipeline", "load_scheduler", "load_unet", "optimize",
-           "pretrained", "restore", "save_pipeline", "save_unet", "sample", "train"]
+__all__ = ["ColorGuidance", "DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "LossGuide", "TrainConfig",
+           "Trainer", "UNet", "UNetConfig", "invert", "list_pretrained", "load_pipeline", "load_scheduler", "load_unet",
+           "optimize", "pretrained", "restore", "save_pipeline", "save_unet", "sample", "train"]

@@ -1,8 +1,11 @@
-"""The quality judge: a small CNN classifier trained on real images. Its score of class-conditioned
-samples is the fraction it assigns to the class they were generated for."""
+"""The judges: a small CNN classifier trained on real images (its score of class-conditioned samples is the
+fraction it assigns to the class they were generated for; the "faces" judge tells faces from non-faces),
+a memorisation measure (nearest-neighbour distances to the training images) and the Fréchet distance
+between two feature sets."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from dataclasses import asdict, dataclass
@@ -17,6 +20,8 @@ from .data import DATASET_NAMES, TORCHVISION_DATASETS, Digits, Shapes, load_data
 from .files import atomic_path, cache_dir
 
 JUDGE_VERSION = "1"  # part of the cache key: bump when the network or its training changes
+JUDGED_DATASETS = tuple(name for name in DATASET_NAMES if name not in ("photos", "textures"))
+JUDGE_EPOCHS = {"faces": 60}  # few images (80 faces): more passes; other datasets train 10 epochs
 
 
 class JudgeNet(nn.Module):
@@ -53,14 +58,46 @@ def _stack(dataset: Dataset) -> tuple[Tensor, Tensor]:
     return torch.stack(images), torch.tensor(labels)
 
 
+class _Tensors(Dataset):
+    """Images (N, C, H, W) and labels (N,) with class names, as a dataset."""
+
+    def __init__(self, images: Tensor, labels: Tensor, classes: list[str]):
+        self.images, self.labels, self.classes = images, labels, classes
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return self.images[index], int(self.labels[index])
+
+
+def face_judge_set(image_size: int, split: str) -> Dataset:
+    """Grayscale "face" (label 1) against "non-face" (0) images of one split (minidiff.data.real's):
+    the LFW subset's faces (for training also mirrored) against its non-face patches and, per patch, three
+    random crops of the photographs and one of the textures."""
+    from .data.real import Crops, Faces
+
+    faces = Faces(image_size, channels=1, split=split).images
+    if split == "train":
+        faces = torch.cat([faces, faces.flip(-1)])  # a mirrored face is a face
+    non_faces = Faces(image_size, channels=1, split=split, kind="non-faces").images
+    crops = [Crops(image_size, kind, split, num_samples=count * len(non_faces), seed=0, channels=1)
+             for kind, count in (("photos", 3), ("textures", 1))]
+    negatives = torch.cat([non_faces, *(_stack(dataset)[0] for dataset in crops)])
+    labels = torch.cat([torch.ones(len(faces)), torch.zeros(len(negatives))]).long()
+    return _Tensors(torch.cat([faces, negatives]), labels, ["non-face", "face"])
+
+
 def _splits(name: str, image_size: int, **dataset_kwargs) -> tuple[Dataset, Dataset]:
     """The real train and held-out test sets of a named dataset."""
+    if name == "faces":
+        return face_judge_set(image_size, "train"), face_judge_set(image_size, "test")
     if name == "digits":
         return Digits(image_size, split="train"), Digits(image_size, split="test")
     if name in Shapes.KINDS:  # another seed draws images the judge never saw
         return Shapes(image_size, 3000, seed=0, kind=name), Shapes(image_size, 600, seed=1, kind=name)
     if name not in TORCHVISION_DATASETS:
-        raise ValueError(f"no judge for dataset {name!r}; named ones: {DATASET_NAMES}; for other data use "
+        raise ValueError(f"no judge for dataset {name!r}; named ones: {JUDGED_DATASETS}; for other data use "
                          "Judge.train(train_set, test_set) with save() and load()")
     return (load_dataset(name, image_size, train=True, **dataset_kwargs),
             load_dataset(name, image_size, train=False, **dataset_kwargs))
@@ -95,7 +132,7 @@ class Judge:
             except ValueError as err:  # a damaged cache entry is rebuilt, not fatal
                 warnings.warn(f"retraining the judge: {err}", stacklevel=2)
         train_set, test_set = _splits(name, image_size, **dataset_kwargs)
-        judge = cls.train(train_set, test_set, seed=seed)
+        judge = cls.train(train_set, test_set, seed=seed, epochs=JUDGE_EPOCHS.get(name, 10))
         judge.save(path)
         return judge
 

@@ -52,3 +52,24 @@ def random_unet(config):
 @pytest.fixture
 def seeded():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Spies on the C++ kernels' entry points (minidiff.kernels.cpu): a list of (kernel, thread name), one
+    per call of the GroupNorm+activation forward ("group_norm_act") or of the attention kernel ("attention")."""
+    import threading
+
+    from minidiff.kernels import cpu
+
+    calls = []
+
+    def spy(name, fn):
+        def counted(*args, **kwargs):
+            calls.append((name, threading.current_thread().name))
+            return fn(*args, **kwargs)
+        return counted
+
+    monkeypatch.setattr(cpu, "group_norm_act", spy("group_norm_act", cpu.group_norm_act))
+    monkeypatch.setattr(cpu.Attention, "apply", spy("attention", cpu.Attention.apply))
+    return calls

@@ -74,6 +74,8 @@ def browser(tmp_path):
         driver.quit()
 
 
+@pytest.mark.browser
+@pytest.mark.slow
 def test_pick_a_colour_generate_and_receive_an_image(app_url, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys

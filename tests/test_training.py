@@ -172,7 +172,7 @@ def test_time_budget_ends_the_run_like_its_last_step(tmp_path, monkeypatch):
     """The budget is checked after each step's gradients; the run then finishes as at max_steps (final
     pipeline and checkpoint written), here after 3 of 100 steps on a fake clock advancing 1 min per call."""
     clock = iter(range(0, 10**6, 60))
-    monkeypatch.setattr(minidiff.training, "time", types.SimpleNamespace(monotonic=lambda: next(clock)))
+    monkeypatch.setattr(minidiff.training.trainer, "time", types.SimpleNamespace(monotonic=lambda: next(clock)))
     config = TrainConfig(output_dir=str(tmp_path), max_steps=100, max_minutes=2.5, device="cpu",
                          **{**FAST, "save_model_every": 50})
     result = train(tiny_unet(), scheduler(), images(), config)
@@ -298,6 +298,8 @@ def ddp_workload(output_dir: str) -> None:
     train(tiny_unet(), scheduler(), images(), config)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_ddp_two_gloo_processes_equal_one(tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT.format(tests=str(Path(__file__).parent))))

@@ -3,7 +3,7 @@ reference, one and two threads), and minidiff.optimize(winograd=True) equal to t
 from __future__ import annotations
 
 import copy
-import sys
+import importlib
 
 import pytest
 import torch
@@ -14,8 +14,8 @@ from minidiff.kernels import winograd
 from minidiff.kernels.optimize import restore
 from conftest import TINY, random_unet
 
-needs_kernels = pytest.mark.skipif(winograd._library() is None, reason="no C++ compiler for the Winograd kernels")
-optimize_module = sys.modules["minidiff.optimize"]  # minidiff.optimize is the function
+needs_kernels = pytest.mark.skipif(winograd.load() is None, reason="no C++ compiler for the Winograd kernels")
+optimize_module = importlib.import_module("minidiff.kernels.optimize")  # minidiff.kernels.optimize: the function
 # (B, C, K, H, W): sizes that are and are not multiples of 2 and 4, one-pixel maps, an odd number of tile rows
 # in several images, K not a multiple of the matrix kernel's 16 columns; channels that are not multiples of 8
 # take the reference even on the "kernels" path
@@ -28,10 +28,10 @@ TOLERANCE = {2: 5e-6, 4: 3e-5}
 
 @pytest.fixture(params=["kernels", "reference"])
 def path(request, monkeypatch):
-    if request.param == "kernels" and winograd._library() is None:
+    if request.param == "kernels" and winograd.load() is None:
         pytest.skip("no C++ compiler for the Winograd kernels")
     if request.param == "reference":
-        monkeypatch.setattr(winograd, "_library", lambda: None)
+        monkeypatch.setattr(winograd, "load", lambda: None)
     return request.param
 
 
@@ -195,14 +195,16 @@ def test_bad_tile_raises():
 def test_missing_compiler_warns_and_uses_reference(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("MINIDIFF_CACHE", str(tmp_path))
-    winograd._library.cache_clear()
+    winograd.load.cache_clear()
     try:
         x, weight, bias = _inputs((1, 8, 8, 4, 4))
-        with pytest.warns(RuntimeWarning, match="Winograd|winograd"):
-            out = winograd.winograd_conv3x3(x, weight, bias)
-        _close(out, F.conv2d(x, weight, bias, padding=1), TOLERANCE[4])
+        with pytest.warns(RuntimeWarning, match="winograd: the C\\+\\+ kernels are unavailable") as caught:
+            out = [winograd.winograd_conv3x3(x, weight, bias) for _ in range(2)]
+        assert len(caught) == 1 and not winograd.has_fast_path(x, weight)
+        _close(out[1], F.conv2d(x, weight, bias, padding=1), TOLERANCE[4])
+        assert not list(tmp_path.glob("**/*.so"))
     finally:
-        winograd._library.cache_clear()  # later tests load the real library again
+        winograd.load.cache_clear()  # later tests load the real library again
 
 
 @needs_kernels
@@ -318,3 +320,11 @@ def test_winograd_argument_checks(seeded):
         minidiff.optimize(random_unet(TINY), winograd=1)
     with pytest.raises(ValueError, match="compile"):
         minidiff.optimize(random_unet(TINY), winograd=True, compile=True)
+
+
+@pytest.mark.parametrize("kwargs, on", [({}, True), (dict(winograd=False), False), (dict(winograd=True), True),
+                                        (dict(compile=True, compile_backend="eager"), False)])
+def test_winograd_is_on_by_default_unless_compile(monkeypatch, seeded, kwargs, on):
+    monkeypatch.setattr(optimize_module, "WINOGRAD_MIN_CHANNELS", 1)
+    fast = minidiff.optimize(random_unet(TINY), **kwargs)
+    assert ("forward" in vars(fast.conv_in)) == on

@@ -2,7 +2,7 @@
 
 A Space repository needs, next to this file and requirements.txt: ``gradio_app.py`` (copied from
 examples/) and the ``minidiff/`` package folder (pure Python, with the shipped model in
-minidiff/pretrained/). From a minidiff checkout:
+minidiff/shipped/). From a minidiff checkout:
 
     cp -r minidiff examples/gradio_app.py examples/space/app.py examples/space/requirements.txt SPACE_REPO/
 

@@ -1,6 +1,7 @@
 """Datasets that yield ``(image, label)`` with ``image`` a float tensor (C, H, W) in [-1, 1]:
 scikit-learn's digits and procedurally drawn RGB shapes/stripes (embedded, nothing to download),
-image folders, and torchvision datasets already on disk."""
+image folders, and torchvision datasets already on disk (scikit-image's real photographs and faces
+are in ``real.py``; ``load_dataset`` finds them too)."""
 from __future__ import annotations
 
 import functools
@@ -15,7 +16,7 @@ from torch.utils.data import Dataset
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 TORCHVISION_DATASETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10"}
-DATASET_NAMES = ("digits", "shapes", "stripes", *TORCHVISION_DATASETS)
+DATASET_NAMES = ("digits", "shapes", "stripes", "faces", "photos", "textures", *TORCHVISION_DATASETS)
 
 
 class LabeledDataset(Dataset):
@@ -306,6 +307,10 @@ def load_dataset(name_or_path: str | os.PathLike, image_size: int, **kwargs) -> 
         return Digits(image_size, **kwargs)
     if name in Shapes.KINDS:
         return Shapes(image_size, kind=name, **kwargs)
+    if name in ("faces", "photos", "textures"):  # scikit-image's real images (minidiff.data.real)
+        from .real import real_dataset
+
+        return real_dataset(name, image_size, **kwargs)
     if name in TORCHVISION_DATASETS:
         if "root" not in kwargs:
             raise ValueError(f"load_dataset({name!r}) needs root=<folder where {name} was downloaded>")

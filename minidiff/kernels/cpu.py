@@ -34,8 +34,7 @@ from ..models.functional import memory_format
 _SOURCE = Path(__file__).with_name("cpu.cpp")
 _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-march=native", "-fno-math-errno", "-fno-trapping-math"]
 KERNEL_ACTIVATIONS = {"none": 0, "silu": 1, "relu": 2}
-# narrow heads, where torch's CPU attention is slow (d = 8: 2.3-3x SDPA's forward and backward; d = 16: its
-# forward's speed, 1.5x its backward; d = 32: 0.8x, so SDPA keeps it)
+# narrow heads, where torch's CPU attention is slow (at d = 32 SDPA is faster: benchmarks/ops.py)
 ATTENTION_HEAD_DIMS = (8, 16)
 _DTYPES = (torch.float32, torch.bfloat16)
 _lock = threading.Lock()

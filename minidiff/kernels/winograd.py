@@ -14,24 +14,22 @@ multiples. Larger tiles cost precision: F(4x4, 3x3)'s matrices (points 0, +-1, +
 1/24, and in float32 its outputs and gradients are off F.conv2d's by up to ~1.5e-5 of their largest value at
 64-512 channels, against ~5e-6 for F(2x2, 3x3).
 
-Why: on the CPU, oneDNN's direct 3x3 convolution already runs near the FMA peak (~40 of ~42 GF/s on one core
-of the dev box), so only fewer multiplications make it faster. Float32 CPU tensors with channels in
-multiples of 8 take the C++ path (NHWC), in chunks of about CHUNK_TILES tiles (whole tile rows, or whole
-images) whose V and M stay in cache: input transform, the P products, output transform. The products run in
-a 6x16 register-blocked kernel (GCC vector extensions: 12 accumulators of 8 floats) at up to ~80 GF/s per
-core, with U stored as 16-column panels (a panel's rows contiguous: at 256-512 channels reading U row by row
-touched a new page every row, and the forward took 1.5-3x as long). The P positions of every buffer lie an
-odd number of cache lines apart (``spaced``): at multiples of 4 KB they would share one L1 set. Each
-transform is one template over tables written from MATRICES, unrolled so that zero entries cost nothing,
-reading patches inside the image by strides and only border patches through a table of pointers. The
-backward runs by chunks too and recomputes V from the input rather than saving it: dM = A dY A^T,
-dV[p] = dM[p] U[p]^T, dx += B dV B^T (chunks of whole images, or two chunks apart, share no input pixel),
-dU[p] += dM[p]^T V[p] and dweight = G^T dU G (into the weight's own layout). On several threads each thread
-sums dU over its chunks, the copies added at the end; where such a copy would be large against the transformed
-tiles (few tiles, many channels: 4x4 to 16x16 maps) the chunks write V and dM for all tiles instead, and each
-thread then computes whole positions of dU (at 256-512 channels on 4x4 maps, 0.3-0.5x the backward's time).
+Why: oneDNN's direct 3x3 convolution already runs near the CPU's FMA peak, so only fewer multiplications make it
+faster. Float32 CPU tensors with channels in multiples of 8 take the C++ path (NHWC), in chunks of about
+CHUNK_TILES tiles (whole tile rows, or whole images) whose V and M stay in cache: input transform, the P
+products, output transform. The products run in a 6x16 register-blocked kernel (GCC vector extensions: 12
+accumulators of 8 floats), with U stored as 16-column panels whose rows are contiguous. The P positions of every
+buffer lie an odd number of cache lines apart (``spaced``): at multiples of 4 KB they would share one L1 set.
+Each transform is one template over tables written from MATRICES, unrolled so that zero entries cost nothing,
+reading patches inside the image by strides and only border patches through a table of pointers. The backward
+runs by chunks too and recomputes V from the input rather than saving it: dM = A dY A^T, dV[p] = dM[p] U[p]^T,
+dx += B dV B^T (chunks of whole images, or two chunks apart, share no input pixel), dU[p] += dM[p]^T V[p] and
+dweight = G^T dU G (into the weight's own layout). On several threads each thread sums dU over its chunks, the
+copies added at the end; where such a copy would be large against the transformed tiles (few tiles, many
+channels) the chunks write V and dM for all tiles instead, and each thread then computes whole positions of dU.
 The filter transforms read the weight in place, in any layout. Everything else takes the pure-torch reference
-(the same math, differentiated by autograd).
+(the same math, differentiated by autograd). Whether a kernel pays for a given shape is measured, not assumed:
+``optimize`` times it against oneDNN (benchmarks/ops.py gives the numbers).
 """
 from __future__ import annotations
 

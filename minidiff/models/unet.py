@@ -170,9 +170,8 @@ class UNet(UsesOps, nn.Module):
 
         if x.device.type == "cpu" and not (self.training and torch.is_grad_enabled()):
             # On CPU everything but training steps runs channels_last, whatever the input's layout: oneDNN's
-            # NHWC convolutions are faster even with the weights converted at each call (cifar10-32: forward
-            # 0.87x the NCHW time, forward + gradient w.r.t. the input as guidance runs it 0.91-0.95x), training
-            # steps are not (1.03x: the weights are converted three times), so they keep the input's layout
+            # NHWC convolutions are faster even with the weights converted at each call; training steps keep
+            # the input's layout (they would convert each weight three times); benchmarks/unet_vs_diffusers.py
             x = x.contiguous(memory_format=torch.channels_last)
         h = self.conv_in(x)
         skips = [h]

@@ -7,7 +7,8 @@ the guides' gradient moves x_t before the scheduler step,
 
 where x0_hat is the scheduler's (clipped) prediction of x0 (Ho et al. 2020 eq. 15). This is the score
 shift of classifier guidance (Dhariwal & Nichol 2021, Alg. 1/2) with a loss in place of -log p(y | x_t),
-so it works alike for DDPM and DDIM and composes with classifier-free guidance already inside ``denoise``.
+so it works alike for every sampler (DDPM, DDIM, DPM-Solver: one predict per step, then one step)
+and composes with classifier-free guidance already inside ``denoise``.
 The per-sample losses are summed over the batch so a sample's step does not depend on the batch size.
 
 A guide is any object with ``scale``, ``schedule``, ``clip_grad_norm`` and ``loss(x0) -> (B,)``;
@@ -23,7 +24,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 from torch import Tensor
 
-from ..schedulers import DDIMScheduler, DDPMScheduler
+from ..schedulers import Scheduler
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 Predictor = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
@@ -47,7 +48,7 @@ class Guide(Protocol):
         """One loss per sample, shape (B,), of the predicted x0 (images in [-1, 1])."""
 
 
-def schedule_factor(schedule: str, scheduler: DDPMScheduler | DDIMScheduler, t: int | Tensor) -> float:
+def schedule_factor(schedule: str, scheduler: Scheduler, t: int | Tensor) -> float:
     """The gradient factor of ``schedule`` at TIMESTEP ``t`` (alpha_bar_t, not the loop counter's)."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule={schedule!r} is not supported; allowed: {list(SCHEDULES)}")
@@ -132,7 +133,7 @@ def _clip_per_sample(step: Tensor, max_norm: float) -> Tensor:
     return step * (max_norm / norms.clamp(min=1e-12)).clamp(max=1.0)
 
 
-def _total_loss(guides: Sequence[Guide], x0: Tensor, scheduler: DDPMScheduler | DDIMScheduler, t: Tensor) -> Tensor:
+def _total_loss(guides: Sequence[Guide], x0: Tensor, scheduler: Scheduler, t: Tensor) -> Tensor:
     """sum_i factor_i(t) * scale_i * sum_b loss_i(x0)_b; each guide must return one loss per sample."""
     total = x0.new_zeros(())
     for guide in guides:
@@ -145,7 +146,7 @@ def _total_loss(guides: Sequence[Guide], x0: Tensor, scheduler: DDPMScheduler | 
     return total
 
 
-def _guide_step(guides: Sequence[Guide], x: Tensor, x0: Tensor, scheduler: DDPMScheduler | DDIMScheduler,
+def _guide_step(guides: Sequence[Guide], x: Tensor, x0: Tensor, scheduler: Scheduler,
                 t: Tensor) -> Tensor:
     """The amount to subtract from x. Guides without clipping share one backward pass (their steps add
     linearly); a clipped guide needs its own gradient to clip."""
@@ -162,7 +163,7 @@ def _guide_step(guides: Sequence[Guide], x: Tensor, x0: Tensor, scheduler: DDPMS
     return step
 
 
-def guided_predictor(denoise: Denoiser, scheduler: DDPMScheduler | DDIMScheduler, guides: Sequence[Guide], *,
+def guided_predictor(denoise: Denoiser, scheduler: Scheduler, guides: Sequence[Guide], *,
                      through_unet: bool = False) -> Predictor:
     """Wrap ``denoise(x, t) -> model_output`` into ``predict(x, t) -> (guided x, model_output)``.
 

@@ -1,76 +1,57 @@
-"""Sampling: one short loop over a scheduler's timesteps.
+"""Sampling: one short loop over a scheduler's timesteps, for every scheduler (DDPM, DDIM, DPM-Solver).
 
-The model is called through a single function ``denoise(x, t) -> model_output`` built by ``_model_fn``;
-guidance (classifier-free, loss guides) composes as wrappers around that function, never as options
-threaded through the loop. The result equals diffusers' DDPMPipeline / DDIMPipeline for the same
-weights, scheduler config and ``torch.Generator`` (before their ``(x / 2 + 0.5).clamp(0, 1)``).
+The model is called through a single function ``denoise(x, t) -> model_output`` (see ``denoiser``);
+classifier-free guidance and loss guides compose as wrappers around that function, never as options
+threaded through the loop, so every sampler gets them. The loop, not the scheduler, holds a multistep
+solver's history of earlier outputs. The result equals diffusers' DDPMPipeline / DDIMPipeline (or a
+DDPMPipeline driving DPMSolverMultistepScheduler) for the same weights, scheduler config and
+``torch.Generator`` (before their ``(x / 2 + 0.5).clamp(0, 1)``).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..schedulers import DDIMScheduler, DDPMScheduler, Generator, SchedulerOutput, randn
-from .guidance import Denoiser, Guide, guided_predictor
+from ..schedulers import DDIMScheduler, Generator, MultistepOutput, Scheduler, SchedulerOutput, randn
+from .denoiser import classifier_free, denoiser
+from .editing import ImageEdit, check_images
+from .guidance import Guide, guided_predictor
+
+__all__ = ["classifier_free", "sample"]
 
 Callback = Callable[[int, Tensor, Tensor, SchedulerOutput], None]
 
 
-def _model_fn(unet: nn.Module, conditioning: dict[str, Tensor]) -> Denoiser:
-    """``denoise(x, t)``: the unet with its conditioning bound; only the given kwargs are passed."""
-    def denoise(x: Tensor, t: Tensor) -> Tensor:
-        return unet(x, t, **conditioning)
-    return denoise
-
-
-def _null_conditioning(unet: nn.Module, conditioning: dict[str, Tensor], null_class_label: int | None,
-                       uncond_encoder_hidden_states: Tensor | None) -> dict[str, Tensor]:
-    """The unconditional twin of ``conditioning``: the null class (by default the last row of the class
-    embedding, where minidiff's label dropout trains it) and/or the given or all-zero context."""
-    if not conditioning:
-        raise ValueError("guidance_scale != 1 needs class_labels or encoder_hidden_states to guide towards")
-    null = {}
-    if "class_labels" in conditioning:
-        labels = conditioning["class_labels"]
-        label = unet.config.num_class_embeds - 1 if null_class_label is None else null_class_label
-        null["class_labels"] = torch.full_like(labels, label)
-    if "encoder_hidden_states" in conditioning:
-        context = conditioning["encoder_hidden_states"]
-        null["encoder_hidden_states"] = torch.zeros_like(context) if uncond_encoder_hidden_states is None \
-            else uncond_encoder_hidden_states.expand_as(context).to(context)
-    return null
-
-
-def classifier_free(unet: nn.Module, conditioning: dict[str, Tensor], null: dict[str, Tensor],
-                    guidance_scale: float) -> Denoiser:
-    """Classifier-free guidance (Ho & Salimans 2022, eq. 6): m = m(x, null) + w (m(x, c) - m(x, null)),
-    with the conditional and unconditional halves in ONE batched forward per step."""
-    both = {k: torch.cat([conditioning[k], null[k]]) for k in conditioning}
-
-    def denoise(x: Tensor, t: Tensor) -> Tensor:
-        cond, uncond = unet(torch.cat([x, x]), t, **both).chunk(2)
-        return uncond + guidance_scale * (cond - uncond)
-    return denoise
-
-
-def _initial_noise(unet: nn.Module, batch_size: int, generator: Generator, noise: Tensor | None,
-                   device: torch.device, dtype: torch.dtype) -> Tensor:
-    """x_T: ``noise`` if given (checked), else drawn as diffusers' pipelines do."""
+def _shape(unet: nn.Module, batch_size: int | None, init_images: Tensor | None) -> tuple[int, ...]:
+    """(B, C, H, W) of the samples: the init_images' shape, else batch_size (default 1) and the unet config."""
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size={batch_size!r} must be an int >= 1")
+    if init_images is not None:
+        init_images = check_images(init_images, unet.config.in_channels)
+        if batch_size is not None and batch_size != len(init_images):
+            raise ValueError(f"batch_size={batch_size} but init_images holds {len(init_images)} images")
+        return tuple(init_images.shape)
     size = unet.config.sample_size
     height, width = (size, size) if isinstance(size, int) else tuple(size)
-    shape = (batch_size, unet.config.in_channels, height, width)
+    return (batch_size or 1, unet.config.in_channels, height, width)
+
+
+def _initial_noise(shape: tuple[int, ...], generator: Generator, noise: Tensor | None, device: torch.device,
+                   dtype: torch.dtype) -> Tensor:
+    """x_T: ``noise`` if given (checked), else drawn as diffusers' pipelines do."""
     if noise is None:
         return randn(shape, generator=generator, device=device, dtype=dtype)
     if tuple(noise.shape) != shape:
         raise ValueError(f"noise has shape {tuple(noise.shape)}; expected {shape} "
-                         "(batch_size, unet.config.in_channels, *unet.config.sample_size)")
+                         "(batch_size, unet.config.in_channels, *unet.config.sample_size, or init_images' shape)")
     return noise.to(device=device, dtype=dtype)
 
 
-def _step_options(scheduler: DDPMScheduler | DDIMScheduler, eta: float, use_clipped_model_output: bool | None,
+def _step_options(scheduler: Scheduler, eta: float, use_clipped_model_output: bool | None,
                   guidance_scale: float) -> dict:
     """DDIM's step options. ``use_clipped_model_output=None`` means: on under classifier-free guidance.
     Guidance scales eps up; DDIM then clips x0 but would keep the unclipped eps in its x_t direction
@@ -86,14 +67,16 @@ def _step_options(scheduler: DDPMScheduler | DDIMScheduler, eta: float, use_clip
     return {}
 
 
-def sample(unet: nn.Module, scheduler: DDPMScheduler | DDIMScheduler, *, batch_size: int = 1,
-           num_inference_steps: int = 50, generator: Generator = None, eta: float = 0.0,
-           class_labels: Tensor | None = None, encoder_hidden_states: Tensor | None = None,
-           use_clipped_model_output: bool | None = None, progress: bool = True, callback: Callback | None = None,
-           noise: Tensor | None = None, guidance_scale: float = 1.0, null_class_label: int | None = None,
+def sample(unet: nn.Module, scheduler: Scheduler, *, batch_size: int | None = None, num_inference_steps: int = 50,
+           generator: Generator = None, eta: float = 0.0, class_labels: Tensor | None = None,
+           encoder_hidden_states: Tensor | None = None, use_clipped_model_output: bool | None = None,
+           progress: bool = True, callback: Callback | None = None, noise: Tensor | None = None,
+           guidance_scale: float = 1.0, null_class_label: int | None = None,
            uncond_encoder_hidden_states: Tensor | None = None, guides: Sequence[Guide] = (),
-           guide_through_unet: bool = False) -> Tensor:
-    """Generate ``batch_size`` samples in [-1, 1] (unclamped; images are ``(x / 2 + 0.5).clamp(0, 1)``).
+           guide_through_unet: bool = False, init_images: Tensor | None = None, strength: float = 1.0,
+           mask: Tensor | None = None) -> Tensor:
+    """Generate ``batch_size`` (default 1) samples in [-1, 1] (unclamped; images are ``(x / 2 + 0.5).clamp(0, 1)``)
+    with a DDPM, DDIM or DPM-Solver scheduler.
 
     ``unet(x, t, class_labels=..., encoder_hidden_states=...) -> Tensor`` must expose
     ``unet.config.in_channels`` and ``unet.config.sample_size`` (int or (H, W)); samples take the device and
@@ -106,27 +89,40 @@ def sample(unet: nn.Module, scheduler: DDPMScheduler | DDIMScheduler, *, batch_s
     default the last class row) or the null context (``uncond_encoder_hidden_states``, default zeros).
     ``guides`` (see minidiff.guidance) steer x_t with the gradient of a loss on the predicted x0; with
     ``guide_through_unet`` the gradient also flows through the model.
+
+    ``init_images`` (B, C, H, W) in [-1, 1] edit images (see minidiff.sampling.editing): ``strength`` in
+    [0, 1] picks the timestep to start from (img2img; 0 returns the images), ``mask`` (1 = generate,
+    0 = keep) inpaints; the noise x_T (drawn or given) noises the images.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
     param = next(unet.parameters())
-    x = _initial_noise(unet, batch_size, generator, noise, param.device, param.dtype)
-    conditioning = {name: value for name, value in (("class_labels", class_labels),
-                                                    ("encoder_hidden_states", encoder_hidden_states))
-                    if value is not None}
-    denoise = _model_fn(unet, conditioning)
-    if guidance_scale != 1.0:
-        null = _null_conditioning(unet, conditioning, null_class_label, uncond_encoder_hidden_states)
-        denoise = classifier_free(unet, conditioning, null, guidance_scale)
+    shape = _shape(unet, batch_size, init_images)
+    x = _initial_noise(shape, generator, noise, param.device, param.dtype)
+    denoise = denoiser(unet, class_labels=class_labels, encoder_hidden_states=encoder_hidden_states,
+                       guidance_scale=guidance_scale, null_class_label=null_class_label,
+                       uncond_encoder_hidden_states=uncond_encoder_hidden_states)
     predict = guided_predictor(denoise, scheduler, guides, through_unet=guide_through_unet)
     options = _step_options(scheduler, eta, use_clipped_model_output, guidance_scale)
     timesteps = scheduler.timesteps(num_inference_steps)
+    edit = None
+    if init_images is not None:
+        edit = ImageEdit.check(init_images, x, strength, mask)
+        timesteps = edit.timesteps(timesteps)
+        if len(timesteps) == 0:
+            return edit.images.clone()
+        x = edit.start(scheduler, timesteps[0].to(x.device))
+    elif strength != 1.0 or mask is not None:
+        raise ValueError("strength and mask edit init_images; pass init_images too")
     # no_grad, not inference_mode: guides re-enable autograd inside predict.
     with torch.no_grad():
         for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress)):
             x, model_output = predict(x, t.to(x.device))
             out = scheduler.step(model_output, t, x, num_inference_steps=num_inference_steps,
                                  generator=generator, **options)
+            if isinstance(out, MultistepOutput):  # the loop carries a multistep solver's history
+                options["history"] = out.history
+            if edit is not None and edit.mask is not None:
+                next_t = timesteps[i + 1].to(x.device) if i + 1 < len(timesteps) else None
+                out = dataclasses.replace(out, prev_sample=edit.keep_known(scheduler, out.prev_sample, next_t))
             if callback is not None:
                 callback(i, t, x, out)
             x = out.prev_sample

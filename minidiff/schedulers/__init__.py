@@ -1,7 +1,10 @@
 """Noise schedules and samplers: frozen configs, pure step functions, diffusers' config names."""
-from .base import PREDICTION_TYPES, Generator, Scheduler, SchedulerConfig, SchedulerOutput, randn
+from .base import (PREDICTION_TYPES, ClipSampleConfig, Generator, History, MultistepOutput, Scheduler, SchedulerConfig,
+                   SchedulerOutput, randn)
 from .ddim import DDIMScheduler, DDIMSchedulerConfig
 from .ddpm import DDPMScheduler, DDPMSchedulerConfig
+from .dpm_solver import DPMSolverMultistepScheduler, DPMSolverMultistepSchedulerConfig
 
-__all__ = ["DDIMScheduler", "DDIMSchedulerConfig", "DDPMScheduler", "DDPMSchedulerConfig", "Generator", "PREDICTION_TYPES",
-           "Scheduler", "SchedulerConfig", "SchedulerOutput", "randn"]
+__all__ = ["ClipSampleConfig", "DDIMScheduler", "DDIMSchedulerConfig", "DDPMScheduler", "DDPMSchedulerConfig",
+           "DPMSolverMultistepScheduler", "DPMSolverMultistepSchedulerConfig", "Generator", "History",
+           "MultistepOutput", "PREDICTION_TYPES", "Scheduler", "SchedulerConfig", "SchedulerOutput", "randn"]

@@ -27,6 +27,11 @@ TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 # Keys of diffusers scheduler configs that never change the math: bookkeeping, and keys of old versions
 # (``timestep_values`` and ``tensor_format`` appear in the google/ddpm-* configs).
 IGNORED_KEYS = BOOKKEEPING_KEYS | {"timestep_values", "tensor_format"}
+# Options of diffusers schedulers that minidiff does not implement: a config that holds their default value
+# (which changes nothing; diffusers writes every option into the files it saves) loads, any other value raises.
+UNSUPPORTED_DEFAULTS = {"use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
+                        "use_lu_lambdas": False, "use_flow_sigmas": False, "flow_shift": 1.0,
+                        "use_dynamic_shifting": False, "time_shift_type": "exponential"}
 _TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str}
 
 Generator = torch.Generator | Sequence[torch.Generator] | None
@@ -34,14 +39,12 @@ Generator = torch.Generator | Sequence[torch.Generator] | None
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Fields shared by DDPM and DDIM, with diffusers' names and defaults."""
+    """Fields shared by every scheduler, with diffusers' names and defaults."""
     num_train_timesteps: int = 1000        # T, the length of the training chain
     beta_start: float = 0.0001             # beta_1 of the linear-type schedules
     beta_end: float = 0.02                 # beta_T
     beta_schedule: str = "linear"          # see beta_schedules
     trained_betas: tuple[float, ...] | None = None  # explicit betas; overrides beta_schedule
-    clip_sample: bool = True               # clamp the predicted x0 to +-clip_sample_range
-    clip_sample_range: float = 1.0
     prediction_type: str = "epsilon"       # the model predicts eps, x0 ("sample") or v
     thresholding: bool = False             # dynamic thresholding of x0 (Saharia et al. 2022); wins over clip
     dynamic_thresholding_ratio: float = 0.995  # quantile of |x0| taken as the threshold
@@ -60,11 +63,14 @@ class SchedulerConfig:
         name = type(self).__name__
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
+            kind = field.type.removesuffix(" | None")
             if field.name == "trained_betas":
                 value = None if value is None else tuple(float(b) for b in value)
-            elif isinstance(value, bool) != (field.type == "bool") or not isinstance(value, _TYPES[field.type]):
+            elif value is None and kind != field.type:
+                pass
+            elif isinstance(value, bool) != (kind == "bool") or not isinstance(value, _TYPES[kind]):
                 raise TypeError(f"{name}.{field.name}={value!r}: expected {field.type}")
-            elif field.type == "float":
+            elif kind == "float":
                 value = float(value)
             object.__setattr__(self, field.name, value)
         for field_name, allowed in self.choices.items():
@@ -90,9 +96,53 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class ClipSampleConfig(SchedulerConfig):
+    """The shared fields plus DDPM's and DDIM's clipping of the predicted x0."""
+    clip_sample: bool = True               # clamp the predicted x0 to +-clip_sample_range
+    clip_sample_range: float = 1.0
+
+
+@dataclass(frozen=True)
 class SchedulerOutput:
     prev_sample: Tensor            # x_{prev_t}
     pred_original_sample: Tensor   # the (clipped) predicted x0
+
+
+History = tuple[tuple[int, Tensor], ...]
+
+
+@dataclass(frozen=True)
+class MultistepOutput(SchedulerOutput):
+    """The output of a multistep solver's step: also the history of (timestep, solver input) pairs, oldest
+    first, that its next step needs. The sampling loop holds it and passes it back; the scheduler keeps none."""
+    history: History = ()
+
+
+def x0_and_eps(prediction_type: str, model_output: Tensor, sample: Tensor, alpha: Tensor,
+               sigma: Tensor) -> tuple[Tensor, Tensor]:
+    """Unclipped x0 and eps from the model output at a noise level with x_t = alpha x0 + sigma eps
+    (alpha = sqrt(alpha_bar_t), sigma = sqrt(1 - alpha_bar_t); Ho et al. 2020 eq. 4) and, for v-prediction,
+    v = alpha eps - sigma x0 (Salimans & Ho 2022)."""
+    if prediction_type == "epsilon":
+        return (sample - sigma * model_output) / alpha, model_output
+    if prediction_type == "sample":
+        return model_output, (sample - alpha * model_output) / sigma
+    return alpha * sample - sigma * model_output, alpha * model_output + sigma * sample
+
+
+def split_learned_variance(model_output: Tensor, sample: Tensor, variance_type: str | None) -> tuple[Tensor, Tensor | None]:
+    """(prediction, learned variance or None): a "learned"/"learned_range" model outputs 2 x C channels."""
+    if variance_type is None or not variance_type.startswith("learned"):
+        if model_output.shape != sample.shape:
+            raise ValueError(f"model_output has shape {tuple(model_output.shape)} but the sample has "
+                             f"{tuple(sample.shape)}")
+        return model_output, None
+    channels = sample.shape[1]
+    if model_output.ndim != sample.ndim or model_output.shape[1] != 2 * channels:
+        raise ValueError(f"variance_type={variance_type!r} needs a model output with 2 x {channels} channels "
+                         f"(prediction, variance), got shape {tuple(model_output.shape)}")
+    prediction, variance = model_output.split(channels, dim=1)
+    return split_learned_variance(prediction, sample, None)[0], variance
 
 
 def dynamic_threshold(x0: Tensor, ratio: float, max_value: float) -> Tensor:
@@ -147,9 +197,11 @@ class Scheduler:
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | SchedulerConfig) -> "Scheduler":
         """Build from a config dict (e.g. a parsed scheduler_config.json) or a config of either scheduler.
-        Bookkeeping/obsolete keys (IGNORED_KEYS) and the fields only the other scheduler uses are dropped;
-        any other unknown key raises ValueError, since it could change the math."""
+        Bookkeeping/obsolete keys (IGNORED_KEYS), unsupported diffusers options at their defaults
+        (UNSUPPORTED_DEFAULTS) and the fields only other schedulers use are dropped; any other unknown key
+        raises ValueError, since it could change the math."""
         data = config.to_dict() if isinstance(config, SchedulerConfig) else dict(config)
+        data = {k: v for k, v in data.items() if k not in UNSUPPORTED_DEFAULTS or v != UNSUPPORTED_DEFAULTS[k]}
         known = Scheduler._known_fields
         unknown = sorted(set(data) - known - IGNORED_KEYS)
         if unknown:
@@ -197,27 +249,25 @@ class Scheduler:
 
     def _split(self, model_output: Tensor, sample: Tensor) -> tuple[Tensor, Tensor | None]:
         """(prediction, learned variance or None); the prediction must have the sample's shape."""
-        if model_output.shape != sample.shape:
-            raise ValueError(f"model_output has shape {tuple(model_output.shape)} but the sample has "
-                             f"{tuple(sample.shape)}")
-        return model_output, None
+        return split_learned_variance(model_output, sample, getattr(self._config, "variance_type", None))
+
+    def _alpha_sigma(self, t: int) -> tuple[Tensor, Tensor]:
+        """sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t): x_t = alpha x0 + sigma eps."""
+        a = self._alphas_cumprod[t]
+        return a ** 0.5, (1 - a) ** 0.5
 
     def _x0_eps(self, model_output: Tensor, t: int, sample: Tensor) -> tuple[Tensor, Tensor]:
-        """Unclipped x0 and eps from the model output, using x_t = sqrt(a) x0 + sqrt(1 - a) eps
-        (Ho et al. 2020 eq. 4) and v = sqrt(a) eps - sqrt(1 - a) x0 (Salimans & Ho 2022), a = alpha_bar_t."""
-        a = self._alphas_cumprod[t]
-        kind = self._config.prediction_type
-        if kind == "epsilon":
-            return (sample - (1 - a) ** 0.5 * model_output) / a ** 0.5, model_output
-        if kind == "sample":
-            return model_output, (sample - a ** 0.5 * model_output) / (1 - a) ** 0.5
-        return a ** 0.5 * sample - (1 - a) ** 0.5 * model_output, a ** 0.5 * model_output + (1 - a) ** 0.5 * sample
+        """Unclipped x0 and eps from the model output at timestep t (see x0_and_eps)."""
+        return x0_and_eps(self._config.prediction_type, model_output, sample, *self._alpha_sigma(t))
 
     def _clip(self, x0: Tensor) -> Tensor:
+        """Dynamic thresholding if the config asks for it, else DDPM/DDIM's clip_sample (if any and on)."""
         cfg = self._config
         if cfg.thresholding:
             return dynamic_threshold(x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
-        return x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range) if cfg.clip_sample else x0
+        if isinstance(cfg, ClipSampleConfig) and cfg.clip_sample:
+            return x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
+        return x0
 
     def predict_x0(self, model_output: Tensor, t: int | Tensor, sample: Tensor) -> Tensor:
         """The predicted x0 at timestep ``t``, clipped or thresholded as the config says (what

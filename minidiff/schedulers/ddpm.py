@@ -7,19 +7,19 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .base import Generator, Scheduler, SchedulerConfig, SchedulerOutput
+from .base import ClipSampleConfig, Generator, Scheduler, SchedulerOutput
 
 # fixed_large_log is left out: diffusers takes sqrt(log(beta)) there, which is NaN.
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range")
 
 
 @dataclass(frozen=True)
-class DDPMSchedulerConfig(SchedulerConfig):
+class DDPMSchedulerConfig(ClipSampleConfig):
     variance_type: str = "fixed_small"     # posterior variance: beta_tilde, beta, or learned (see VARIANCE_TYPES)
 
     choices: ClassVar[dict[str, tuple[str, ...]]] = {
-        **SchedulerConfig.choices,
-        "beta_schedule": SchedulerConfig.choices["beta_schedule"] + ("sigmoid", "laplace"),
+        **ClipSampleConfig.choices,
+        "beta_schedule": ClipSampleConfig.choices["beta_schedule"] + ("sigmoid", "laplace"),
         "variance_type": VARIANCE_TYPES,
     }
 
@@ -35,16 +35,6 @@ class DDPMScheduler(Scheduler):
             raise ValueError(f"timestep {int(t)} is not one of timesteps({num_inference_steps}) = {ts}")
         i = ts.index(int(t))
         return ts[i + 1] if i + 1 < len(ts) else -1
-
-    def _split(self, model_output: Tensor, sample: Tensor) -> tuple[Tensor, Tensor | None]:
-        if not self._config.variance_type.startswith("learned"):
-            return super()._split(model_output, sample)
-        channels = sample.shape[1]
-        if model_output.ndim != sample.ndim or model_output.shape[1] != 2 * channels:
-            raise ValueError(f"variance_type={self._config.variance_type!r} needs a model output with 2 x "
-                             f"{channels} channels (prediction, variance), got shape {tuple(model_output.shape)}")
-        prediction, variance = model_output.split(channels, dim=1)
-        return super()._split(prediction, sample)[0], variance
 
     def update(self, model_output: Tensor, t: int, prev_t: int, sample: Tensor,
                noise: Tensor | None = None) -> SchedulerOutput:

@@ -1,0 +1,230 @@
+"""DPM-Solver and DPM-Solver++ multistep (Lu et al. 2022a, 2022b): ODE/SDE solvers that need few model calls.
+
+In the half log-SNR lambda = log(alpha / sigma) (x_t = alpha_t x0 + sigma_t eps) the probability-flow ODE has
+the exact solution (2022b eq. 9 for the data prediction x0, 2022a eq. 3.4 for the noise prediction eps)
+
+    x_t = sigma_t / sigma_s x_s + sigma_t int_{lambda_s}^{lambda_t} e^lambda x0(lambda) dlambda         (dpmsolver++)
+    x_t = alpha_t / alpha_s x_s - alpha_t int_{lambda_s}^{lambda_t} e^-lambda eps(lambda) dlambda      (dpmsolver)
+
+and a Taylor expansion of x0 (or eps) around lambda_s, its derivatives estimated by divided differences of the
+outputs at earlier steps (the multistep history), integrates exactly. With h = lambda_t - lambda_s, both read
+
+    x_t = ratio x_s - scale (psi0(g) D0 + psi1(g) D1 + psi2(g) D2),
+    psi0(g) = e^g - 1,  psi1(g) = psi0(g) / g - 1,  psi2(g) = (psi0(g) - g) / g^2 - 1/2,
+
+with (ratio, scale, g) = (sigma_t / sigma_s, alpha_t, -h) for dpmsolver++ and (alpha_t / alpha_s, sigma_t, h)
+for dpmsolver. D0 is the newest output, D1 ~ h d/dlambda and D2 ~ h^2 d2/dlambda2 its divided differences
+(2022a Alg. 4/5 (multistep); the order-2 "midpoint" form uses psi0 / 2 in place of psi1, 2022b Alg. 2).
+The SDE variants (2022b sec. 5) integrate the reverse SDE the same way: sde-dpmsolver++ has
+ratio = sigma_t / sigma_s e^-h and g = -2h, sde-dpmsolver scale = 2 sigma_t, plus fresh noise.
+
+Stateless like the other schedulers: ``update`` takes the earlier outputs as an explicit ``history`` of
+(timestep, output) pairs and returns the new one in a MultistepOutput; the sampling loop carries it.
+``step`` picks the order as diffusers' DPMSolverMultistepScheduler does, so that the loop reproduces its
+pipelines' images.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .base import Generator, History, MultistepOutput, Scheduler, SchedulerConfig, x0_and_eps
+from .ddpm import VARIANCE_TYPES
+
+ALGORITHM_TYPES = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver")
+# lower_order_final lowers the order of the last steps only for schedules shorter than this (diffusers' rule)
+LOWER_ORDER_FINAL_BELOW = 15
+
+
+@dataclass(frozen=True)
+class DPMSolverMultistepSchedulerConfig(SchedulerConfig):
+    solver_order: int = 2                  # 2 for guided sampling, 3 for unconditional (Lu et al. 2022b)
+    algorithm_type: str = "dpmsolver++"    # data (++) or noise prediction; sde-* add noise at every step
+    solver_type: str = "midpoint"          # the order-2 term: midpoint or heun
+    lower_order_final: bool = True         # under 15 steps: order <= 2 at the last-but-one step, 1 at the last
+    euler_at_final: bool = False           # order 1 at the last step whatever the number of steps
+    final_sigmas_type: str = "zero"        # noise level after the last step: 0, or sigma_0 ("sigma_min")
+    lambda_min_clipped: float = -math.inf  # leave out the timesteps whose lambda is below this
+    variance_type: str | None = None       # "learned"/"learned_range": the model's extra variance channels are dropped
+    timestep_spacing: str = "linspace"     # diffusers' default for this scheduler
+
+    choices: ClassVar[dict[str, tuple]] = {
+        **SchedulerConfig.choices,
+        "solver_order": (1, 2, 3),
+        "algorithm_type": ALGORITHM_TYPES,
+        "solver_type": ("midpoint", "heun"),
+        "final_sigmas_type": ("zero", "sigma_min"),
+        "variance_type": (None, *VARIANCE_TYPES),
+    }
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        name = type(self).__name__
+        if self.final_sigmas_type == "zero" and not self.algorithm_type.endswith("++"):
+            raise ValueError(f"{name}.final_sigmas_type='zero' needs algorithm_type 'dpmsolver++' or "
+                             f"'sde-dpmsolver++', got {self.algorithm_type!r}; use final_sigmas_type='sigma_min'")
+        if self.algorithm_type.startswith("sde") and self.solver_order == 3:
+            raise ValueError(f"{name}: algorithm_type={self.algorithm_type!r} supports solver_order 1 or 2 "
+                             "(the papers' SDE solvers), got 3")
+
+
+def _psi(g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """psi0, psi1, psi2 of the module docstring: the integrals of e^(g u) u^k / k! over [0, 1], in closed form."""
+    psi0 = torch.exp(g) - 1.0
+    return psi0, psi0 / g - 1.0, (torch.exp(g) - 1.0 - g) / g ** 2 - 0.5
+
+
+class DPMSolverMultistepScheduler(Scheduler):
+    """DPM-Solver++ (default) and DPM-Solver, multistep, orders 1-3, with diffusers' config and images."""
+    config_class = DPMSolverMultistepSchedulerConfig
+
+    def __init__(self, **fields: object) -> None:
+        super().__init__(**fields)
+        if self._config.rescale_betas_zero_snr:  # alpha_bar_T = 0 would give sigma_T = inf: diffusers' 2^-24
+            alphas_cumprod = self._alphas_cumprod.clone()
+            alphas_cumprod[-1] = 2.0 ** -24
+            self._alphas_cumprod = alphas_cumprod
+        self._sigmas = ((1 - self._alphas_cumprod) / self._alphas_cumprod) ** 0.5  # the VE noise level, float32
+
+    def timesteps(self, num_inference_steps: int) -> Tensor:
+        """diffusers' DPMSolverMultistepScheduler.set_timesteps(N): with L = the timesteps whose lambda is
+        at least lambda_min_clipped (T by default), linspace: round(linspace(0, L - 1, N + 1)) without the
+        0; leading: arange(N + 1) * (L // (N + 1)) without the 0, plus steps_offset; trailing:
+        round(arange(L, 0, -T / N)) - 1; descending. Raises ValueError if timesteps repeat."""
+        n, cfg = self._check_steps(num_inference_steps), self._config
+        alpha_bar = self._alphas_cumprod
+        lambdas = torch.log(alpha_bar ** 0.5) - torch.log((1 - alpha_bar) ** 0.5)
+        last = self.num_train_timesteps - int(torch.searchsorted(lambdas.flip(0), cfg.lambda_min_clipped))
+        if cfg.timestep_spacing == "linspace":
+            ts = np.linspace(0, last - 1, n + 1).round()[::-1][:-1]
+        elif cfg.timestep_spacing == "leading":
+            ts = (np.arange(n + 1) * (last // (n + 1))).round()[::-1][:-1] + cfg.steps_offset
+        else:
+            ts = np.arange(last, 0, -self.num_train_timesteps / n).round() - 1
+        ts = ts.astype(np.int64)
+        if len(np.unique(ts)) != len(ts):
+            raise ValueError(f"num_inference_steps={n} gives repeated timesteps with timestep_spacing="
+                             f"{cfg.timestep_spacing!r} ({ts.tolist()}); use fewer steps")
+        return torch.from_numpy(ts.copy())
+
+    def _position(self, t: int, num_inference_steps: int) -> tuple[int, list[int]]:
+        ts = self.timesteps(num_inference_steps).tolist()
+        if t not in ts:
+            raise ValueError(f"timestep {t} is not one of timesteps({num_inference_steps}) = {ts}")
+        return ts.index(t), ts
+
+    def previous_timestep(self, t: int | Tensor, num_inference_steps: int) -> int:
+        """The entry after ``t`` in ``timesteps(num_inference_steps)``, or -1 (the final noise level) after the last."""
+        i, ts = self._position(int(t), num_inference_steps)
+        return ts[i + 1] if i + 1 < len(ts) else -1
+
+    def _alpha_sigma(self, t: int) -> tuple[Tensor, Tensor]:
+        """alpha_t = 1 / sqrt(s^2 + 1), sigma_t = s alpha_t from s = sqrt((1 - alpha_bar_t) / alpha_bar_t) as
+        diffusers computes them; t = -1 is the level after the last step (s = 0 or s_0, final_sigmas_type)."""
+        if t >= 0:
+            s = self._sigmas[t]
+        else:
+            s = self._sigmas[0] if self._config.final_sigmas_type == "sigma_min" else torch.tensor(0.0)
+        alpha = 1 / (s ** 2 + 1) ** 0.5
+        return alpha, s * alpha
+
+    def _lambda(self, t: int) -> Tensor:
+        alpha, sigma = self._alpha_sigma(t)
+        return torch.log(alpha) - torch.log(sigma)
+
+    def _solver_input(self, model_output: Tensor, t: int, sample: Tensor) -> tuple[Tensor, Tensor]:
+        """(what the solver integrates: x0 for the ++ types, eps otherwise; the predicted x0), thresholded
+        if the config says so (then eps is recomputed from the thresholded x0)."""
+        alpha, sigma = self._alpha_sigma(t)
+        x0, eps = x0_and_eps(self._config.prediction_type, self._split(model_output, sample)[0], sample, alpha, sigma)
+        if self._config.algorithm_type.endswith("++"):
+            x0 = self._clip(x0)
+            return x0, x0
+        if self._config.thresholding:
+            x0 = self._clip((sample - sigma * eps) / alpha)
+            eps = (sample - alpha * x0) / sigma
+        return eps, (sample - sigma * eps) / alpha
+
+    def update(self, model_output: Tensor, t: int, prev_t: int, sample: Tensor, history: History = (),
+               noise: Tensor | None = None, *, order: int | None = None) -> MultistepOutput:
+        """One solver step from timestep t to prev_t (-1: the final level) of the given ``order`` (default:
+        the highest that ``solver_order`` and the history allow), using the newest order - 1 entries of
+        ``history`` (the (timestep, output) pairs of earlier steps, oldest first). ``noise`` is the fresh
+        noise of the SDE types. Computed in float32 at least; returns x_{prev_t}, the predicted x0 and the
+        history for the next step."""
+        t, prev_t, cfg = int(t), int(prev_t), self._config
+        order = min(cfg.solver_order, len(history) + 1) if order is None else order
+        if not 1 <= order <= min(cfg.solver_order, len(history) + 1):
+            raise ValueError(f"order={order} needs 1 <= order <= solver_order={cfg.solver_order} and "
+                             f"{order - 1} earlier outputs in history (got {len(history)})")
+        if cfg.algorithm_type.startswith("sde") and noise is None:
+            raise ValueError(f"algorithm_type={cfg.algorithm_type!r} needs noise")
+        d0, x0 = self._solver_input(model_output, t, sample)
+        entries = (*history[len(history) - order + 1:], (t, d0)) if order > 1 else ((t, d0),)
+        prev = self._combine(entries, prev_t, sample.float(), noise)
+        keep = (*history, (t, d0))[-(cfg.solver_order - 1):] if cfg.solver_order > 1 else ()
+        return MultistepOutput(prev.to(model_output.dtype), x0, keep)
+
+    def _combine(self, entries: History, prev_t: int, x: Tensor, noise: Tensor | None) -> Tensor:
+        """x_{prev_t} from x at the newest entry's timestep and the entries' outputs (module docstring)."""
+        (t, m0), cfg = entries[-1], self._config
+        lambda_s, lambda_t = self._lambda(t), self._lambda(prev_t)
+        h = lambda_t - lambda_s
+        (alpha_s, sigma_s), (alpha_t, sigma_t) = self._alpha_sigma(t), self._alpha_sigma(prev_t)
+        kind = cfg.algorithm_type
+        if kind == "dpmsolver++":
+            ratio, scale, g = sigma_t / sigma_s, alpha_t, -h
+        elif kind == "dpmsolver":
+            ratio, scale, g = alpha_t / alpha_s, sigma_t, h
+        elif kind == "sde-dpmsolver++":
+            ratio, scale, g = sigma_t / sigma_s * torch.exp(-h), alpha_t, -2.0 * h
+        else:
+            ratio, scale, g = alpha_t / alpha_s, 2.0 * sigma_t, h
+        psi0, psi1, psi2 = _psi(g)
+        prev = ratio * x - (scale * psi0) * m0
+        if len(entries) == 2:
+            (t1, m1), = entries[:1]
+            r0 = (lambda_s - self._lambda(t1)) / h
+            d1 = (1.0 / r0) * (m0 - m1)
+            prev = prev - ((0.5 * (scale * psi0)) if cfg.solver_type == "midpoint" else (scale * psi1)) * d1
+        elif len(entries) == 3:
+            (t2, m2), (t1, m1) = entries[:2]
+            lambda_1 = self._lambda(t1)
+            r0, r1 = (lambda_s - lambda_1) / h, (lambda_1 - self._lambda(t2)) / h
+            d1_0, d1_1 = (1.0 / r0) * (m0 - m1), (1.0 / r1) * (m1 - m2)
+            d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+            d2 = (1.0 / (r0 + r1)) * (d1_0 - d1_1)
+            prev = prev - (scale * psi1) * d1 - (scale * psi2) * d2
+        if noise is not None:
+            noise_std = sigma_t * (-psi0 if kind == "sde-dpmsolver++" else torch.exp(2.0 * h) - 1.0) ** 0.5
+            prev = prev + noise_std * noise.float()
+        return prev
+
+    def _order(self, index: int, num_steps: int, history_length: int) -> int:
+        """diffusers' order at step ``index`` of ``num_steps``: as high as solver_order and the history allow,
+        1 at the last step (euler_at_final, final_sigmas_type zero, or lower_order_final under 15 steps) and
+        at most 2 at the one before (lower_order_final under 15 steps)."""
+        cfg, short = self._config, num_steps < LOWER_ORDER_FINAL_BELOW
+        order = min(cfg.solver_order, history_length + 1)
+        if index == num_steps - 1 and (cfg.euler_at_final or cfg.final_sigmas_type == "zero"
+                                       or (cfg.lower_order_final and short)):
+            return 1
+        if index == num_steps - 2 and cfg.lower_order_final and short:
+            return min(order, 2)
+        return order
+
+    def step(self, model_output: Tensor, timestep: int | Tensor, sample: Tensor, *, num_inference_steps: int,
+             history: History = (), generator: Generator = None, noise: Tensor | None = None) -> MultistepOutput:
+        """One step of an N-step schedule, in the order diffusers takes; an SDE type draws its noise
+        (float32, the sample's shape) from ``generator`` at every step, after the model output."""
+        t = int(timestep)
+        index, ts = self._position(t, num_inference_steps)
+        prev_t = ts[index + 1] if index + 1 < len(ts) else -1
+        noise = self._noise(self._config.algorithm_type.startswith("sde"), sample.float(), generator, noise)
+        order = self._order(index, len(ts), len(history))
+        return self.update(model_output, t, prev_t, sample, history, noise, order=order)
