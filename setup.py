@@ -24,6 +24,7 @@ setup(
     ],
     extras_require={
         "digits": ["scikit-learn"],
+        "data": ["scikit-image"],
         "plot": ["matplotlib"],
         "demo": ["gradio"],
         "test": [
@@ -32,6 +33,7 @@ setup(
             "diffusers==0.42.1",
             "transformers",
             "scikit-learn",
+            "scikit-image",
             "matplotlib",
             "selenium",
             "gradio",

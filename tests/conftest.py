@@ -49,6 +49,12 @@ def random_unet(config):
     return unet.eval()
 
 
+@pytest.fixture(scope="session")
+def minidiff_cache(tmp_path_factory):
+    """One MINIDIFF_CACHE for the whole session, so that a judge trained by one test is loaded by the others."""
+    return tmp_path_factory.mktemp("minidiff_cache")
+
+
 @pytest.fixture
 def seeded():
     torch.manual_seed(0)

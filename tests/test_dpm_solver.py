@@ -71,8 +71,8 @@ GRID = [(algorithm, order) for algorithm in ("dpmsolver++", "dpmsolver", "sde-dp
         for order in (1, 2, 3) if not (algorithm.startswith("sde") and order == 3)]
 
 
-@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
-@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("prediction_type,spacing", [("epsilon", "linspace"), ("sample", "leading"),
+                                                     ("v_prediction", "trailing")])
 @pytest.mark.parametrize("solver_type", ["midpoint", "heun"])
 @pytest.mark.parametrize("algorithm,order", GRID)
 def test_sampling_run_matches_diffusers(algorithm, order, solver_type, prediction_type, spacing):

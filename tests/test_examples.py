@@ -19,8 +19,8 @@ def load_example(name: str):
     return module
 
 
-def test_class_conditioned_example_writes_model_grid_and_metrics(tmp_path, monkeypatch):
-    monkeypatch.setenv("MINIDIFF_CACHE", str(tmp_path / "cache"))  # the judge trains into a fresh cache
+def test_class_conditioned_example_writes_model_grid_and_metrics(tmp_path, monkeypatch, minidiff_cache):
+    monkeypatch.setenv("MINIDIFF_CACHE", str(minidiff_cache))  # the session's judge, trained once
     out = tmp_path / "run"
     metrics = load_example("class_conditioned").main([
         "--image_size", "8", "--widths", "8", "16", "--max_steps", "3", "--batch_size", "8", "--warmup_steps", "1",

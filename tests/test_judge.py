@@ -7,18 +7,18 @@ from minidiff.judge import JUDGE_VERSION, Judge, JudgeReport, default_cache_dir
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("judge_cache")
+def cache_dir(minidiff_cache):
+    return minidiff_cache / "judge"  # where the examples' tests find the same judge
 
 
 @pytest.fixture(scope="module")
 def judge(cache_dir):
-    return Judge.for_dataset("digits", image_size=16, cache_dir=cache_dir)
+    return Judge.for_dataset("digits", image_size=8, cache_dir=cache_dir)
 
 
 @pytest.fixture(scope="module")
 def test_split():
-    return Digits(16, split="test")
+    return Digits(8, split="test")
 
 
 def test_judge_is_accurate_on_the_real_test_split(judge, test_split):
@@ -30,14 +30,14 @@ def test_judge_is_accurate_on_the_real_test_split(judge, test_split):
 
 
 def test_cache_round_trip_gives_identical_predictions(judge, cache_dir, test_split, monkeypatch):
-    path = cache_dir / f"digits-16px-seed0-v{JUDGE_VERSION}.safetensors"
+    path = cache_dir / f"digits-8px-seed0-v{JUDGE_VERSION}.safetensors"
     assert path.is_file() and not [p for p in cache_dir.iterdir() if p.name.endswith(".tmp")]
 
     def no_training(*args, **kwargs):
         raise AssertionError("the cached judge should have been loaded, not trained")
 
     monkeypatch.setattr(Judge, "train", no_training)
-    cached = Judge.for_dataset("digits", image_size=16, cache_dir=cache_dir)
+    cached = Judge.for_dataset("digits", image_size=8, cache_dir=cache_dir)
     assert cached.classes == judge.classes and cached.test_accuracy == judge.test_accuracy
     assert torch.equal(cached.predict(test_split.images), judge.predict(test_split.images))
 
@@ -50,7 +50,7 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
 
 
 def test_random_noise_scores_low(judge):
-    noise = torch.rand(200, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    noise = torch.rand(200, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     report = judge.score(noise, torch.arange(200) % 10)
     assert report.accuracy < 0.3 and report.per_class.count(None) == 0
 
@@ -63,16 +63,16 @@ def test_predict_returns_labels_for_images(judge, test_split):
 
 
 def test_bad_images_and_labels_are_rejected(judge):
-    with pytest.raises(ValueError, match=r"expects images of shape \(B, 1, 16, 16\), got \(4, 3, 16, 16\)"):
-        judge.predict(torch.zeros(4, 3, 16, 16))
-    with pytest.raises(ValueError, match=r"got \(4, 1, 8, 8\)"):
-        judge.score(torch.zeros(4, 1, 8, 8), [0, 1, 2, 3])
+    with pytest.raises(ValueError, match=r"expects images of shape \(B, 1, 8, 8\), got \(4, 3, 8, 8\)"):
+        judge.predict(torch.zeros(4, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"got \(4, 1, 16, 16\)"):
+        judge.score(torch.zeros(4, 1, 16, 16), [0, 1, 2, 3])
     with pytest.raises(ValueError, match=r"labels must be in \[0, 9\], got \[-1, 10\]"):
-        judge.score(torch.zeros(3, 1, 16, 16), [10, -1, 3])
+        judge.score(torch.zeros(3, 1, 8, 8), [10, -1, 3])
     with pytest.raises(ValueError, match="3 images but 2 labels"):
-        judge.score(torch.zeros(3, 1, 16, 16), [1, 2])
+        judge.score(torch.zeros(3, 1, 8, 8), [1, 2])
     with pytest.raises(TypeError, match="labels must be integers"):
-        judge.score(torch.zeros(2, 1, 16, 16), torch.tensor([1.0, 2.0]))
+        judge.score(torch.zeros(2, 1, 8, 8), torch.tensor([1.0, 2.0]))
 
 
 def test_unknown_dataset_has_no_judge(tmp_path):

@@ -178,7 +178,7 @@ def test_ops_pick_the_cpu_kernel_and_its_backward(ops, monkeypatch):
 def test_auto_ops_run_the_reference_off_the_cpu():
     """AUTO_OPS: the C++ kernels for CPU tensors only (the meta device stands in for CUDA)."""
     chosen = []
-    op = fused._by_device(lambda x: chosen.append("cpu"), lambda x: chosen.append("elsewhere"))
+    op = fused._ByDevice(lambda x: chosen.append("cpu"), lambda x: chosen.append("elsewhere"))
     op(torch.ones(1))
     op(torch.ones(1, device="meta"))
     assert chosen == ["cpu", "elsewhere"]
@@ -434,3 +434,16 @@ def test_triton_kernel_on_cuda(dtype, tol):
                 got = fused.TRITON_OPS.group_norm_act(xv, w, b, 32, **kwargs)
             torch.testing.assert_close(got.float(), reference.group_norm_act(x, w, b, 32, **kwargs).float(),
                                        atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_auto_ops_on_cuda_are_the_reference(kernel_calls):
+    """Only the CPU kernels are proven faster: on CUDA tensors "auto" runs the pure-torch ops, bit for bit."""
+    x, w, b, kwargs = _gn_inputs("all")
+    x, w, b = x.cuda(), w.cuda(), b.cuda()
+    kwargs = {k: v.cuda() for k, v in kwargs.items()}
+    assert torch.equal(fused.AUTO_OPS.group_norm_act(x, w, b, 4, **kwargs),
+                       reference.group_norm_act(x, w, b, 4, **kwargs))
+    q = torch.randn(2, 9, 16, device="cuda")
+    assert torch.equal(fused.AUTO_OPS.attention(q, q, q, 2), reference.attention(q, q, q, 2))
+    assert not kernel_calls

@@ -141,7 +141,7 @@ def test_bad_inputs_raise_clear_errors(seeded):
         unet(x, 1, class_labels=torch.tensor([[3, 1]]))
     with pytest.raises(ValueError, match="class_labels are required"):
         unet(x, 1)
-    with pytest.raises(ValueError, match=r"expected \(B, 3, H, W\), got \(2, 4, 8, 8\)"):
+    with pytest.raises(ValueError, match=r"expected \(B, 3, H, W\) with B >= 1, got \(2, 4, 8, 8\)"):
         unet(torch.randn(2, 4, 8, 8), 1, class_labels=torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="multiples of 2"):
         unet(torch.randn(2, 3, 7, 7), 1, class_labels=torch.tensor([1, 2]))

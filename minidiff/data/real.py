@@ -147,24 +147,28 @@ class Crops(LabeledDataset):
         cut = round(width * (1 - HELD_OUT_FRACTION))
         return {"train": (0, cut), "test": (cut, width), "all": (0, width)}[self.split]
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+    def crop_box(self, index: int) -> tuple[int, int, int, int, bool]:
+        """(label, top, left, side, mirrored) of item ``index``: which source image, where, and a flip."""
         if not 0 <= index < self.num_samples:
             raise IndexError(f"index {index} out of range for {self.num_samples} samples")
         # torch's CPU generator keeps 32 seed bits: a golden-ratio stride keeps seeds' streams apart
         item_seed = (index + 0x9E3779B9 * (self.seed * len(SPLITS) + SPLITS.index(self.split))) % 2**32
         u = torch.rand(5, generator=torch.Generator().manual_seed(item_seed)).tolist()
         label = min(int(u[0] * len(self.sources)), len(self.sources) - 1)
-        source = self.sources[label]
-        height, width = source.shape[-2:]
+        height, width = self.sources[label].shape[-2:]
         first, last = self._columns(width)
         low, high = CROP_SCALE
         side = round(min(height, width) * low * (high / low) ** u[1])
         side = max(1, min(side, height, last - first))
         top, left = int(u[2] * (height - side + 1)), first + int(u[3] * (last - first - side + 1))
-        crop = source[None, :, top : top + side, left : left + side]
+        return label, top, left, side, u[4] < 0.5
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        label, top, left, side, mirrored = self.crop_box(index)
+        crop = self.sources[label][None, :, top : top + side, left : left + side]
         crop = F.interpolate(crop, size=(self.image_size,) * 2, mode="bilinear", antialias=True, align_corners=False)
         image = _to_channels(crop[0].clamp(-1, 1), self.channels)
-        return (image.flip(-1) if u[4] < 0.5 else image).contiguous(), label
+        return (image.flip(-1) if mirrored else image).contiguous(), label
 
 
 def real_dataset(name: str, image_size: int, **kwargs) -> LabeledDataset:

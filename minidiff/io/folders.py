@@ -30,17 +30,43 @@ _LEGACY_KEY = re.compile(r"\.(query|key|value|proj_attn)\.(weight|bias)$")
 
 
 def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
-    """One safetensors or .bin file; a truncated or corrupt file raises ValueError naming it."""
+    """One safetensors or .bin file; an unreadable, truncated or corrupt file raises an error naming it."""
+    if not path.is_file():  # a FIFO or device would block or stream forever
+        raise ValueError(f"{path}: not a regular file")
     try:
         if path.suffix == ".safetensors":
             return load_file(path)
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError as err:
+        raise PermissionError(f"{path}: cannot read weights ({err.strerror})") from None
     except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as err:
         raise ValueError(f"{path}: cannot read weights, the file is truncated or corrupt ({err})") from None
     except Exception as err:  # pickle.UnpicklingError for anything weights_only refuses to execute
         raise ValueError(f"{path}: refused to load: not a plain tensor checkpoint ({err})") from None
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
         raise ValueError(f"{path}: expected a flat dict of tensors (a state_dict)")
+    return state
+
+
+def _shard_path(folder: Path, index: Path, shard: Any) -> Path:
+    """``folder / shard`` for a shard name of a sharded index: a plain file name inside the folder."""
+    if not isinstance(shard, str) or not shard or Path(shard).name != shard or shard in (".", ".."):
+        raise ValueError(f"{index}: shard name {shard!r} must be a file name in {folder} (no directories)")
+    return folder / shard
+
+
+def _read_shards(folder: Path, index: Path) -> dict[str, torch.Tensor]:
+    """The tensors of every shard an index names; a tensor found in two shards is an error."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index}: missing or empty 'weight_map'")
+    state: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+    for shard in sorted(set(map(str, weight_map.values()))):
+        for key, tensor in _read_weights_file(_shard_path(folder, index, shard)).items():
+            if key in state:
+                raise ValueError(f"{index}: tensor {key!r} is in two shards, {origin[key]} and {shard}")
+            state[key], origin[key] = tensor, shard
     return state
 
 
@@ -50,18 +76,28 @@ def load_state_dict(folder: str | os.PathLike, variant: str | None = None) -> di
     stem = WEIGHTS_NAME if variant is None else f"{WEIGHTS_NAME}.{variant}"
     for ext in ("safetensors", "bin"):
         single = folder / f"{stem}.{ext}"
-        if single.is_file():
+        if single.exists():
             return rename_legacy_keys(_read_weights_file(single))
         index = folder / f"{stem}.{ext}.index.json"
-        if index.is_file():
-            weight_map = read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise ValueError(f"{index}: missing 'weight_map'")
-            state: dict[str, torch.Tensor] = {}
-            for shard in sorted(set(weight_map.values())):
-                state.update(_read_weights_file(folder / shard))
-            return rename_legacy_keys(state)
+        if index.exists():
+            if not index.is_file():
+                raise ValueError(f"{index}: not a regular file")
+            return rename_legacy_keys(_read_shards(folder, index))
     raise FileNotFoundError(f"{folder}: no {stem}.safetensors, {stem}.bin or sharded index found")
+
+
+def check_dtypes(state: dict[str, torch.Tensor], source: str | os.PathLike) -> torch.dtype:
+    """The one floating dtype of a checkpoint's tensors; mixed or non-floating dtypes raise a ValueError
+    naming the tensors."""
+    by_dtype: dict[torch.dtype, list[str]] = {}
+    for key, tensor in state.items():
+        by_dtype.setdefault(tensor.dtype, []).append(key)
+    odd = {dtype: keys for dtype, keys in by_dtype.items() if not dtype.is_floating_point}
+    if odd or len(by_dtype) > 1:
+        listing = "; ".join(f"{str(d).removeprefix('torch.')}: {', '.join(keys[:3])}"
+                            f"{f' and {len(keys) - 3} more' if len(keys) > 3 else ''}" for d, keys in by_dtype.items())
+        raise ValueError(f"{source}: the weights must all have one floating dtype, found {listing}")
+    return next(iter(by_dtype), torch.float32)
 
 
 def rename_legacy_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -84,10 +120,16 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> 
 def load_unet(path: str | os.PathLike, *, variant: str | None = None, dtype: torch.dtype | None = None,
               device: str | torch.device | None = None, strict: bool = True) -> UNet:
     """A UNet from a model folder, a pipeline folder (its ``unet/``) or a flat repo. With ``strict``
-    (the default) any missing, unexpected or mis-shaped tensor is an error."""
+    (the default) any missing, unexpected or mis-shaped tensor is an error. The weights are converted to
+    ``dtype`` (default float32, whatever the file holds, e.g. ``variant="fp16"``); a file mixing dtypes is refused."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"load_unet: dtype must be a floating torch.dtype, got {dtype!r}")
     folder = component_dir(path, "unet", "config.json")
     config = UNetConfig.from_dict(read_json(folder / "config.json"))
     state = load_state_dict(folder, variant)
+    check_dtypes(state, folder)
+    dtype = dtype or torch.float32
+    state = {key: tensor.to(dtype) for key, tensor in state.items()}
     if strict:  # every tensor comes from the file: skip the random initialisation
         with torch.device("meta"):
             unet = UNet(config)

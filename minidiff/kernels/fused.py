@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -64,17 +66,21 @@ def _triton_group_norm_act(x, weight, bias, num_groups, eps=1e-5, *, scale=None,
     return reference.group_norm_act(x, weight, bias, num_groups, eps, scale=scale, shift=shift, add=add, act=act)
 
 
-def _by_device(on_cpu, elsewhere):
-    def op(x, *args, **kwargs):
-        return (on_cpu if x.device.type == "cpu" else elsewhere)(x, *args, **kwargs)
-    op.__doc__ = f"{on_cpu.__name__} for CPU tensors, else {elsewhere.__name__}."
-    return op
+@dataclass(frozen=True)
+class _ByDevice:
+    """``on_cpu`` for CPU tensors (the first argument's device), else ``elsewhere``: an object rather than a
+    closure, so that an optimized model pickles (``torch.save(unet)``)."""
+    on_cpu: Callable[..., torch.Tensor]
+    elsewhere: Callable[..., torch.Tensor]
+
+    def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return (self.on_cpu if x.device.type == "cpu" else self.elsewhere)(x, *args, **kwargs)
 
 
 CPU_OPS = Ops(_cpu_group_norm_act, _cpu_attention)
 TRITON_OPS = Ops(_triton_group_norm_act, reference.attention)
-AUTO_OPS = Ops(_by_device(_cpu_group_norm_act, reference.group_norm_act),
-               _by_device(_cpu_attention, reference.attention))
+AUTO_OPS = Ops(_ByDevice(_cpu_group_norm_act, reference.group_norm_act),
+               _ByDevice(_cpu_attention, reference.attention))
 OPS = {"auto": AUTO_OPS, "cpu": CPU_OPS, "triton": TRITON_OPS, "reference": reference.REFERENCE_OPS}
 
 

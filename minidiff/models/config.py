@@ -7,6 +7,7 @@ diffusers folder and ``config.to_dict()`` writes one diffusers loads. A handful 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,48 @@ CONDITION_ONLY = ("cross_attention_dim", "transformer_layers_per_block", "use_li
 
 def _tuple(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
+
+
+def _split_top(text: str, sep: str) -> list[str]:
+    """``text`` split at the ``sep`` characters that are outside brackets."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == sep and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    return parts + [text[start:].strip()]
+
+
+def _matches(value: Any, annotation: str) -> bool:
+    """Whether ``value`` is of the type a field's annotation names (int, float, bool, str, None and tuples
+    of these): no bool for an int, no string for a bool, finite floats."""
+    for option in _split_top(annotation, "|"):
+        if option == "None" and value is None or option == "bool" and type(value) is bool \
+                or option == "int" and type(value) is int or option == "str" and type(value) is str \
+                or option == "float" and type(value) in (int, float) and math.isfinite(value):
+            return True
+        if option.startswith("tuple[") and isinstance(value, tuple):
+            inner = _split_top(option[6:-1], ",")
+            if inner[-1] == "...":
+                if all(_matches(v, inner[0]) for v in value):
+                    return True
+            elif len(inner) == len(value) and all(_matches(v, a) for v, a in zip(value, inner)):
+                return True
+    return False
+
+
+def _minimum(value: Any) -> float:
+    """The smallest number in an int, a tuple of them (None entries ignored), or +inf."""
+    values = [v for v in (value if isinstance(value, tuple) else (value,)) if v is not None]
+    return min(values, default=math.inf)
+
+
+# Fields that count something: at least this much (None stays allowed where the annotation allows it).
+MINIMUMS = {"sample_size": 1, "in_channels": 1, "out_channels": 1, "time_embedding_dim": 1, "block_out_channels": 1,
+            "layers_per_block": 1, "downsample_padding": 0, "attention_head_dim": 1, "norm_num_groups": 1,
+            "attn_norm_num_groups": 1, "num_class_embeds": 1, "num_train_timesteps": 1, "cross_attention_dim": 1,
+            "transformer_layers_per_block": 1, "class_embed_dim": 1, "conditioning_channels": 0}
 
 
 def _per_block(value: Any, n: int, name: str) -> tuple:
@@ -105,7 +148,10 @@ class UNetConfig:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            object.__setattr__(self, f.name, _tuple(getattr(self, f.name)))
+            value = _tuple(getattr(self, f.name))
+            if not _matches(value, f.type):
+                raise TypeError(f"UNetConfig.{f.name}={value!r}: expected {f.type}")
+            object.__setattr__(self, f.name, value)
         self._validate()
 
     # ------------------------------------------------------------------ validation
@@ -116,6 +162,14 @@ class UNetConfig:
 
     def _validate(self) -> None:
         n = len(self.block_out_channels)
+        if n == 0:
+            raise ValueError("UNetConfig.block_out_channels: at least one block is needed")
+        for name, low in MINIMUMS.items():
+            if _minimum(getattr(self, name)) < low:
+                raise ValueError(f"UNetConfig.{name}={getattr(self, name)!r}: values must be >= {low}")
+        if not self.norm_eps > 0 or not 0 <= self.dropout < 1 or self.mid_block_scale_factor == 0:
+            raise ValueError(f"UNetConfig: norm_eps={self.norm_eps} must be > 0, dropout={self.dropout} in [0, 1) "
+                             f"and mid_block_scale_factor={self.mid_block_scale_factor} non-zero")
         self._choice("model_class", (UNET_2D, UNET_2D_CONDITION))
         self._choice("time_embedding_type", ("positional", "fourier", "learned"))
         self._choice("downsample_type", ("conv", "resnet"))

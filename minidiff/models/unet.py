@@ -88,13 +88,22 @@ class UNet(UsesOps, nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _timesteps(self, timestep: int | float | torch.Tensor, batch: int) -> torch.Tensor:
+        if isinstance(timestep, bool) or not (torch.is_tensor(timestep) or isinstance(timestep, (int, float))):
+            raise TypeError(f"timestep: expected an int, a float or a tensor, got {type(timestep).__name__}")
         t = timestep if torch.is_tensor(timestep) else torch.tensor(timestep, device=self.device)
+        if t.dtype == torch.bool or t.is_complex():
+            raise TypeError(f"timestep: expected integer or floating values, got {t.dtype}")
         if t.ndim == 0:
             t = t[None]
         if t.ndim != 1 or t.shape[0] not in (1, batch):
             raise ValueError(f"timestep: expected an int, a 0-d tensor or a ({batch},) tensor, got shape "
                              f"{tuple(t.shape)}")
-        if self.config.time_embedding_type == "learned":
+        if not torch.isfinite(t).all():
+            raise ValueError(f"timestep: must be finite, got {t.tolist()}")
+        if self.config.time_embedding_type == "learned":  # a table lookup: whole steps in [0, T)
+            T = self.config.num_train_timesteps
+            if (t != t.round()).any() or (t < 0).any() or (t >= T).any():
+                raise ValueError(f"timestep: a learned time embedding takes integers in [0, {T - 1}], got {t.tolist()}")
             t = t.long()
         return t.to(self.device).expand(batch)
 
@@ -140,8 +149,15 @@ class UNet(UsesOps, nn.Module):
 
     def _check_input(self, sample: torch.Tensor, conditioning_image: torch.Tensor | None) -> None:
         c = self.config
-        if sample.ndim != 4 or sample.shape[1] != c.in_channels:
-            raise ValueError(f"sample: expected (B, {c.in_channels}, H, W), got {tuple(sample.shape)}")
+        for name, value in (("sample", sample), ("conditioning_image", conditioning_image)):
+            if value is not None and not (torch.is_tensor(value) and value.is_floating_point()):
+                got = value.dtype if torch.is_tensor(value) else type(value).__name__
+                raise TypeError(f"{name}: expected a floating-point tensor, got {got}")
+        if sample.dtype != self.dtype and not torch.is_autocast_enabled(sample.device.type):
+            raise TypeError(f"sample: dtype {sample.dtype} differs from the model's {self.dtype}; convert one of "
+                            "them (e.g. sample.to(unet.dtype)) or run under torch.autocast")
+        if sample.ndim != 4 or sample.shape[1] != c.in_channels or sample.shape[0] == 0:
+            raise ValueError(f"sample: expected (B, {c.in_channels}, H, W) with B >= 1, got {tuple(sample.shape)}")
         factor = 2 ** (len(c.block_out_channels) - 1)
         if sample.shape[2] % factor or sample.shape[3] % factor:
             raise ValueError(f"sample: height and width must be multiples of {factor}, got "

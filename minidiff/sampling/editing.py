@@ -66,7 +66,7 @@ class ImageEdit:
         if self.mask is None:
             return x
         known = self.images if next_t is None else scheduler.add_noise(self.images, self.noise, next_t)
-        return known + self.mask * (x - known)
+        return torch.lerp(known, x, self.mask)  # exactly ``known`` where the mask is 0, ``x`` where 1
 
 
 def _check_mask(mask: Tensor, images: Tensor) -> Tensor:

@@ -10,6 +10,7 @@ exactly when and how diffusers does (same generator, same numbers).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Sequence
@@ -86,6 +87,17 @@ class SchedulerConfig:
         if not 0.0 < self.dynamic_thresholding_ratio <= 1.0:
             raise ValueError(f"{name}.dynamic_thresholding_ratio={self.dynamic_thresholding_ratio} "
                              "must be in (0, 1]")
+        for field_name in ("beta_start", "beta_end"):
+            if not 0.0 < getattr(self, field_name) < 1.0:
+                raise ValueError(f"{name}.{field_name}={getattr(self, field_name)} must be in (0, 1)")
+        if self.trained_betas is not None and not all(0.0 < b < 1.0 for b in self.trained_betas):
+            raise ValueError(f"{name}.trained_betas must all be in (0, 1) (finite), got min "
+                             f"{min(self.trained_betas)} and max {max(self.trained_betas)}")
+        self._check_positive("sample_max_value")
+
+    def _check_positive(self, field_name: str) -> None:
+        if not 0.0 < getattr(self, field_name) < math.inf:
+            raise ValueError(f"{type(self).__name__}.{field_name}={getattr(self, field_name)} must be > 0 and finite")
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as JSON-ready values (trained_betas as a list)."""
@@ -100,6 +112,10 @@ class ClipSampleConfig(SchedulerConfig):
     """The shared fields plus DDPM's and DDIM's clipping of the predicted x0."""
     clip_sample: bool = True               # clamp the predicted x0 to +-clip_sample_range
     clip_sample_range: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_positive("clip_sample_range")
 
 
 @dataclass(frozen=True)
