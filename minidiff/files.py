@@ -40,18 +40,19 @@ def read_json(path: PathLike) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds,
-    so a crash never leaves a half-written file behind."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds, so a crash
+    never leaves a half-written file behind. The file is made readable as the umask allows (writers such as
+    safetensors create it 0600) and flushed to disk before the rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; saved models should be readable like any file
     try:
         yield Path(tmp)
-        with open(tmp, "rb") as done:  # on disk before the rename makes it visible
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        with open(tmp, "rb") as done:
             os.fsync(done.fileno())
         os.replace(tmp, path)
     finally:

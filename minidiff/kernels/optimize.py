@@ -11,7 +11,14 @@ A minidiff model runs pure PyTorch by default and builds nothing. ``optimize`` c
   inference caches each convolution's filter transform until its weight changes;
 - ``compile``: torch.compile of the forward with the pure-torch ops (the C++ kernels are opaque to the compiler),
   and with ``freeze`` inductor's freezing for calls that record no gradient, while the weights are the ones the
-  frozen graph was built from (the parameters' version counters tell). Not with ``winograd``.
+  frozen graph was built from (the parameters' version counters tell). Not with ``winograd``;
+- ``dtype`` (bfloat16 or float16): the forward runs under ``torch.autocast`` in that dtype and returns the
+  weights' dtype (float32), so the sampler's and the loss's arithmetic stay float32; the weights are not cast.
+  On CUDA it is used as asked. On a CPU, reduced precision pays only where the CPU computes it natively (AMX
+  tiles, avx512_bf16 / avx512_fp16 dot products) and even then not always (avx512_bf16 without AMX can be slower
+  than float32): without native bf16 a one-time warning says so and the model stays float32; float16 on a CPU
+  without it is an error; otherwise each input shape's first call times float32 against autocast (forward, and
+  backward where autograd records) and keeps the faster, with a one-time warning when that is float32.
 The C++ kernels are compiled when ``optimize`` is called (once per CPU, then cached; it says so on stderr).
 Parameter names, values and state_dict keys are unchanged, so saving, loading, EMA and optimizers behave as
 before; outputs equal the plain model's to float tolerance. ``restore(unet)`` undoes it. What each option
@@ -22,9 +29,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import platform
 import sys
 import time
 import types
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -43,6 +52,9 @@ WINOGRAD_MIN_CHANNELS = 16  # fewer input or output channels: the transforms cos
 WINOGRAD_KERNELS = ((4, 32), (4, 128), (2, 32), (2, 128))
 AUTOTUNE_RUNS = 3  # timed rounds of all kernels (after a warm-up call each); each kernel's fastest call counts
 _KERNEL_CHOICES: dict[tuple, tuple[int, int] | None] = {}  # see _kernel
+REDUCED_DTYPES = (torch.bfloat16, torch.float16)
+DTYPE_TIMING_RUNS = 2  # timed rounds of float32 and autocast at a call signature's first call (after a warm-up)
+_SAID: set[str] = set()  # the messages _say_once has given
 
 
 def _forward(unet: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -71,10 +83,21 @@ def _records_grad(unet: nn.Module, args: tuple, kwargs: dict) -> bool:
 
 
 def _fast_forward(unet: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """``unet.forward`` once optimized. With compile: the frozen graph for inference on the weights it
+    """``unet.forward`` once optimized: under autocast if ``dtype`` asked for it and (on a CPU) it is the faster
+    for this call signature, returning the weights' dtype."""
+    state = unet.__dict__[_STATE]
+    dtype = _compute_dtype(unet, state, args, kwargs)
+    if dtype is None:
+        return _optimized_forward(unet, state, args, kwargs)
+    with torch.autocast(unet.device.type, dtype=dtype):
+        out = _optimized_forward(unet, state, args, kwargs)
+    return out.to(unet.dtype)
+
+
+def _optimized_forward(unet: nn.Module, state: dict[str, Any], args: tuple, kwargs: dict) -> torch.Tensor:
+    """The forward with the chosen kernels. With compile: the frozen graph for inference on the weights it
     was built from, else the unfrozen one, both with the reference ops (see the module docstring).
     To freeze again after the weights changed, call ``optimize`` again."""
-    state = unet.__dict__[_STATE]
     if not state["compile"]:
         return type(unet).forward(unet, *args, **kwargs)
     freezing = contextlib.nullcontext()
@@ -91,6 +114,82 @@ def _fast_forward(unet: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
             freezing, compiled = inductor_config.patch(freezing=True), state["frozen"]
     with freezing:
         return compiled(unet, *args, **kwargs)
+
+
+def _say_once(message: str, warn: bool = True) -> None:
+    """A RuntimeWarning (or, ``warn=False``, a note on stderr), once per process."""
+    if message not in _SAID:
+        _SAID.add(message)
+        if warn:
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
+        else:
+            print(message, file=sys.stderr)
+
+
+def _check_dtype(dtype: torch.dtype | None, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``dtype`` on ``device`` (None: float32), or a ValueError where it is unsupported."""
+    if dtype is None or dtype == torch.float32:
+        return None
+    if dtype not in REDUCED_DTYPES:
+        raise ValueError(f"optimize: dtype={dtype} is not supported; allowed: None, torch.float32, "
+                         "torch.bfloat16, torch.float16")
+    if device.type == "cuda":
+        if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            raise ValueError(f"optimize: dtype=torch.bfloat16 needs a GPU with bf16 ({device} has none); "
+                             "use torch.float16")
+        return dtype
+    if device.type != "cpu":
+        raise ValueError(f"optimize: dtype={dtype} is supported on CPU and CUDA models, not on {device}")
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+    if dtype == torch.float16:
+        if not torch.ops.mkldnn._is_mkldnn_fp16_supported():
+            raise ValueError("optimize: dtype=torch.float16 on a CPU needs native float16 (avx512_fp16 or AMX-FP16"
+                             " on x86), which this CPU lacks; use torch.bfloat16 or float32 (dtype=None)")
+        return dtype
+    native = (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()) if x86 \
+        else torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if not native:
+        _say_once("minidiff.optimize: this CPU has no native bfloat16 (avx512_bf16 or AMX): emulated bf16 is "
+                  "slower than float32, so the model keeps float32")
+        return None
+    return dtype
+
+
+def _compute_dtype(unet: nn.Module, state: dict[str, Any], args: tuple, kwargs: dict) -> torch.dtype | None:
+    """The autocast dtype of this call: the checked ``dtype`` on CUDA; on a CPU the faster of float32 (None) and
+    it, timed at the first call of each input signature, grad mode and thread count."""
+    dtype = state["dtype"]
+    if dtype is None or unet.device.type != "cpu":
+        return dtype
+    training = _records_grad(unet, args, kwargs)
+    tensors = [v for v in (*args, *kwargs.values()) if torch.is_tensor(v)]
+    key = (tuple((tuple(t.shape), t.dtype) for t in tensors), training, torch.get_num_threads())
+    if key not in state["dtype_choices"]:
+        state["dtype_choices"][key] = _time_dtype(unet, state, args, kwargs, training)
+    return state["dtype_choices"][key]
+
+
+def _time_dtype(unet: nn.Module, state: dict[str, Any], args: tuple, kwargs: dict, training: bool
+                ) -> torch.dtype | None:
+    """The faster of float32 (None) and autocast in ``state["dtype"]`` for this call: the forward, and with
+    ``training`` the gradients of its output's sum (taken by autograd.grad: nothing accumulates in .grad)."""
+    dtype = state["dtype"]
+    leaves = [t for t in (*unet.parameters(), *args, *kwargs.values()) if torch.is_tensor(t) and t.requires_grad]
+
+    def run(candidate: torch.dtype | None) -> None:
+        with torch.autocast("cpu", dtype=candidate or torch.float32, enabled=candidate is not None):
+            out = _optimized_forward(unet, state, args, kwargs)
+        if training:
+            torch.autograd.grad(out.float().sum(), leaves, allow_unused=True)
+
+    _say_once(f"minidiff.optimize: timing float32 against {dtype} autocast at the first call of each input "
+              "shape", warn=False)
+    faster = _fastest({None: functools.partial(run, None), dtype: functools.partial(run, dtype)},
+                      runs=DTYPE_TIMING_RUNS)
+    if faster is None:
+        _say_once(f"minidiff.optimize: {dtype} measured slower than float32 on this CPU (e.g. avx512_bf16 without "
+                  "AMX tiles); the model keeps float32 where so (benchmarks/precision.py compares them)")
+    return faster
 
 
 def _is_winograd_candidate(module: nn.Module) -> bool:
@@ -187,7 +286,8 @@ def _build_cpu_kernels(winograd_too: bool) -> None:
 
 
 def optimize(unet: UNet, *, kernels: str | None = None, channels_last: bool = True, winograd: bool | None = None,
-             compile: bool = False, freeze: bool = True, compile_backend: str = "inductor") -> UNet:
+             compile: bool = False, freeze: bool = True, compile_backend: str = "inductor",
+             dtype: torch.dtype | None = None) -> UNet:
     """Make ``unet`` (a minidiff UNet) faster in place, with the same outputs to float tolerance; returns it.
     See the module docstring for what each option does.
 
@@ -196,7 +296,9 @@ def optimize(unet: UNet, *, kernels: str | None = None, channels_last: bool = Tr
     NHWC weights and activations. ``winograd``: time Winograd against oneDNN per convolution shape and keep the
     faster (CPU, float32); default on unless ``compile``. ``compile``: torch.compile the forward
     (``compile_backend``, e.g. "inductor", or "aot_eager" to check a model traces); ``freeze``: with compile
-    and inductor, fold the weights into the inference graph.
+    and inductor, fold the weights into the inference graph. ``dtype``: torch.bfloat16 or torch.float16 to
+    compute under autocast where that is supported and (on a CPU) faster; None or torch.float32: float32.
+    Move the model to its device before optimizing it: ``dtype`` is checked for that device.
     Calling ``optimize`` again on an optimized model first restores it, so the options of the last call apply.
     """
     for name, value in (("channels_last", channels_last), ("compile", compile), ("freeze", freeze)):
@@ -218,11 +320,13 @@ def optimize(unet: UNet, *, kernels: str | None = None, channels_last: bool = Tr
                          f"(got kernels={kernels!r}; leave it out or pass 'reference')")
     winograd = not compile if winograd is None else winograd
     ops = ops_for(kernels)
+    autocast_dtype = _check_dtype(dtype, unet.device)
     restore(unet)
     on_cpu = unet.device.type == "cpu"
     if on_cpu and (winograd or kernels in ("auto", "cpu")):
         _build_cpu_kernels(winograd)
-    state: dict[str, Any] = {"channels_last": channels_last, "compile": compile, "winograd": [], "ops": []}
+    state: dict[str, Any] = {"channels_last": channels_last, "compile": compile, "winograd": [], "ops": [],
+                             "dtype": autocast_dtype, "dtype_choices": {}}
     if channels_last:  # the activations follow the weights' layout from conv_in on
         unet.to(memory_format=torch.channels_last)
     if kernels != "reference":

@@ -76,7 +76,7 @@ class DPMSolverMultistepSchedulerConfig(SchedulerConfig):
 def _psi(g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """psi0, psi1, psi2 of the module docstring: the integrals of e^(g u) u^k / k! over [0, 1], in closed form."""
     psi0 = torch.exp(g) - 1.0
-    return psi0, psi0 / g - 1.0, (torch.exp(g) - 1.0 - g) / g ** 2 - 0.5
+    return psi0, psi0 / g - 1.0, (psi0 - g) / g ** 2 - 0.5
 
 
 class DPMSolverMultistepScheduler(Scheduler):
@@ -89,17 +89,18 @@ class DPMSolverMultistepScheduler(Scheduler):
             alphas_cumprod = self._alphas_cumprod.clone()
             alphas_cumprod[-1] = 2.0 ** -24
             self._alphas_cumprod = alphas_cumprod
-        self._sigmas = ((1 - self._alphas_cumprod) / self._alphas_cumprod) ** 0.5  # the VE noise level, float32
+        alpha_bar = self._alphas_cumprod
+        self._sigmas = ((1 - alpha_bar) / alpha_bar) ** 0.5  # the noise level of x_t / alpha_t, float32
+        # the timesteps whose lambda = log(alpha / sigma) is at least lambda_min_clipped: 0 .. last - 1
+        lambdas = torch.log(alpha_bar ** 0.5) - torch.log((1 - alpha_bar) ** 0.5)
+        self._last = self.num_train_timesteps - int(torch.searchsorted(lambdas.flip(0), self._config.lambda_min_clipped))
 
     def timesteps(self, num_inference_steps: int) -> Tensor:
         """diffusers' DPMSolverMultistepScheduler.set_timesteps(N): with L = the timesteps whose lambda is
         at least lambda_min_clipped (T by default), linspace: round(linspace(0, L - 1, N + 1)) without the
         0; leading: arange(N + 1) * (L // (N + 1)) without the 0, plus steps_offset; trailing:
         round(arange(L, 0, -T / N)) - 1; descending. Raises ValueError if timesteps repeat."""
-        n, cfg = self._check_steps(num_inference_steps), self._config
-        alpha_bar = self._alphas_cumprod
-        lambdas = torch.log(alpha_bar ** 0.5) - torch.log((1 - alpha_bar) ** 0.5)
-        last = self.num_train_timesteps - int(torch.searchsorted(lambdas.flip(0), cfg.lambda_min_clipped))
+        n, cfg, last = self._check_steps(num_inference_steps), self._config, self._last
         if cfg.timestep_spacing == "linspace":
             ts = np.linspace(0, last - 1, n + 1).round()[::-1][:-1]
         elif cfg.timestep_spacing == "leading":

@@ -9,6 +9,8 @@ complete: a crash mid-write never leaves a half-written ``step_*`` folder, and o
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import os
 import random
 import re
@@ -21,10 +23,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..files import read_json, write_json
+from ..files import atomic_path, read_json, write_json
 from ..io.folders import check_state_dict, load_state_dict, save_unet
 
 TRAINING_STATE, TRAINER_STATE = "training_state.pt", "trainer_state.json"
+TRAINER_STATE_KEYS = frozenset({"step", "ema_num_updates", "total_steps", "config"})
+LOCK_NAME = ".lock"
 
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
 
@@ -42,6 +46,9 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise FileExistsError(f"{path}: already exists; refusing to overwrite a checkpoint")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a checkpoint is readable like any folder
     try:
         yield tmp
         os.replace(tmp, path)
@@ -85,8 +92,9 @@ def save_checkpoint(folder: str | os.PathLike, *, unet: nn.Module, ema_model: nn
         save_unet(unet, tmp / "unet")
         if ema_model is not None:
             save_unet(ema_model, tmp / "ema")
-        torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                    "rng": rng_states}, tmp / TRAINING_STATE)
+        with atomic_path(tmp / TRAINING_STATE) as state_file:
+            torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                        "rng": rng_states}, state_file)
         write_json(tmp / TRAINER_STATE, info)
     return Path(folder)
 
@@ -97,13 +105,20 @@ def load_checkpoint(folder: str | os.PathLike, *, unet: nn.Module, ema_model: nn
     """Load a checkpoint into the given objects; returns (trainer_state.json, per-process RNG states)."""
     folder = Path(folder)
     info = read_json(folder / TRAINER_STATE)
+    missing = sorted(TRAINER_STATE_KEYS - info.keys())
+    if missing:
+        raise ValueError(f"{folder / TRAINER_STATE}: missing keys {missing}")
     _load_weights(unet, folder / "unet")
     if ema_model is not None:
         if not (folder / "ema").is_dir():
             raise FileNotFoundError(f"{folder}: no ema/ weights, but this run keeps an EMA (ema_decay > 0)")
         _load_weights(ema_model, folder / "ema")
-    state = torch.load(folder / TRAINING_STATE, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        state = torch.load(folder / TRAINING_STATE, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+    except Exception as err:  # truncated zip, refused pickle, missing or mismatched entries
+        raise ValueError(f"{folder / TRAINING_STATE}: cannot restore the optimizer state ({type(err).__name__}: "
+                         f"{err})") from None
     if scaler is not None and state["scaler"] is not None:
         scaler.load_state_dict(state["scaler"])
     return info, state["rng"]
@@ -113,6 +128,41 @@ def _load_weights(model: nn.Module, folder: Path) -> None:
     state = load_state_dict(folder)
     check_state_dict(model, state)
     model.load_state_dict(state)
+
+
+# ------------------------------------------------------------------------------------------ one run per folder
+def lock_output_dir(folder: str | os.PathLike) -> Any:
+    """An exclusive lock on ``folder`` (``folder/.lock``) held while the returned file stays open; raises
+    RuntimeError when another process holds it: two runs writing into one folder would mix their files."""
+    path = Path(folder) / LOCK_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise RuntimeError(f"{folder}: another training run is writing to this folder (it holds {path}); "
+                           "wait for it to finish or use another output_dir") from None
+    return handle
+
+
+def dataset_identity(dataset: Any, first_item: torch.Tensor) -> dict[str, Any]:
+    """What tells one dataset from another without reading it all: its length, the item shape and a hash of
+    the first item (not its class: a wrapper around the same data is the same data)."""
+    digest = hashlib.sha256(first_item.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+    return {"length": len(dataset), "item_shape": list(first_item.shape), "first_item_sha256": digest}
+
+
+def fingerprint_changes(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """The differences between two fingerprints, as readable "key: old -> new" lines."""
+    changes = []
+    for key in sorted(saved.keys() | current.keys()):
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += fingerprint_changes(old, new, f"{prefix}{key}.")
+        elif old != new:
+            changes.append(f"{prefix}{key}: {old!r} -> {new!r}")
+    return changes
 
 
 # ------------------------------------------------------------------------------------------ RNG

@@ -43,7 +43,8 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 # config fields that may change between a run and its resume without breaking exactness
 _RESUMABLE_CHANGES = {"output_dir", "resume", "overwrite", "progress", "num_workers", "log_samples_every",
-                      "sample_steps", "save_model_every", "keep_checkpoints", "max_steps", "num_epochs"}
+                      "sample_steps", "save_model_every", "keep_checkpoints", "max_steps", "num_epochs",
+                      "allow_resume_changes", "max_minutes", "device"}
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class TrainConfig:
     save_model_every: int = 500            # checkpoint every N steps and at the end; 0: only on a signal
     keep_checkpoints: int = 3              # how many of the newest checkpoints to keep
     resume: bool = False                   # continue from the newest checkpoint in output_dir/checkpoints
+    allow_resume_changes: bool = False     # resume even if the model, scheduler, data or settings changed
     overwrite: bool = False                # delete a previous run's checkpoints/samples/metrics first
     num_workers: int = 0                   # DataLoader worker processes
     device: str | None = None              # None: cuda if available, else cpu (cuda:LOCAL_RANK under torchrun)
@@ -87,8 +89,8 @@ class TrainConfig:
         for name, allowed in (("lr_schedule", LR_SCHEDULES), ("mixed_precision", MIXED_PRECISION)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}; allowed: {list(allowed)}")
-        if not self.lr > 0 or self.weight_decay < 0 or (self.max_grad_norm is not None and not self.max_grad_norm > 0):
-            raise ValueError(f"TrainConfig: lr={self.lr} must be > 0, weight_decay={self.weight_decay} >= 0, "
+        if not 0 < self.lr < math.inf or self.weight_decay < 0 or (self.max_grad_norm is not None and not self.max_grad_norm > 0):
+            raise ValueError(f"TrainConfig: lr={self.lr} must be > 0 and finite, weight_decay={self.weight_decay} >= 0, "
                              f"max_grad_norm={self.max_grad_norm} None or > 0")
         if self.max_minutes is not None and (type(self.max_minutes) not in (int, float) or not self.max_minutes > 0):
             raise ValueError(f"TrainConfig.max_minutes={self.max_minutes!r}: expected None or a number > 0")
@@ -140,7 +142,8 @@ class Trainer:
                                               self.world_size).per_epoch  # also checks batch_size
         self.total_steps = c.max_steps or math.ceil(c.num_epochs * self.batches_per_epoch / c.grad_accumulation_steps)
         self.output_dir, self.checkpoints = Path(c.output_dir), Path(c.output_dir) / "checkpoints"
-        self.image_shape = tuple(split_batch(dataset[0])[0].shape)
+        first_image = split_batch(dataset[0])[0]
+        self.image_shape = tuple(first_image.shape)
         self.unet = prepare_unet(unet, self.image_shape, c.cond_drop_prob).to(self.device).train()
         self._amp_dtype = autocast_dtype(c.mixed_precision, self.device)
         seed_everything(c.seed + self.rank)  # dropout and data augmentation draw from the global RNGs
@@ -153,6 +156,11 @@ class Trainer:
         self.generator = torch.Generator(self.device).manual_seed(c.seed)  # same on every process
         self.step, self.last_checkpoint, self.stop_signal = 0, None, None
         self.metrics = MetricsLog(self.output_dir / "metrics.jsonl")
+        self._lock = ckpt.lock_output_dir(self.output_dir) if self.rank == 0 else None
+        self.fingerprint = {"model": self.unet.config.to_dict(),
+                            "scheduler": {"class": type(scheduler).__name__, **scheduler.config.to_dict()},
+                            "dataset": ckpt.dataset_identity(dataset, first_image),
+                            "settings": {k: v for k, v in c.to_dict().items() if k not in _RESUMABLE_CHANGES}}
         self._resume() if c.resume else self._start_fresh()
         if c.gradient_checkpointing:
             enable_gradient_checkpointing(self.unet)
@@ -257,6 +265,9 @@ class Trainer:
                         break
                 self._finish()
         finally:
+            if self._lock is not None:
+                self._lock.close()
+                self._lock = None
             if self._owns_group:
                 dist.destroy_process_group()
         return TrainResult(self.step, loss, False, self.last_checkpoint, self.output_dir)
@@ -291,6 +302,7 @@ class Trainer:
 
     def _finish(self) -> None:
         c = self.config
+        self._check_weights_finite()
         if c.save_model_every and self.last_checkpoint != ckpt.step_dir(self.checkpoints, self.step):
             self.save_checkpoint()
         if self.rank != 0:
@@ -314,8 +326,16 @@ class Trainer:
         return save_sample_grid(images, self.output_dir / "samples" / f"step_{self.step:07d}.png")
 
     # ------------------------------------------------------------------ checkpoints
+    def _check_weights_finite(self) -> None:
+        """A NaN or inf weight must never be saved as a good checkpoint or as the result."""
+        models = [self.unet] + ([self.ema.model] if self.ema is not None else [])
+        bad = [name for model in models for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise self._non_finite(f"weight {bad[0]} ({len(bad)} tensors in all)", "not finite")
+
     def save_checkpoint(self) -> Path:
         """Checkpoint the current step (rank 0 writes; every process contributes its RNG states)."""
+        self._check_weights_finite()
         rng_states = gather_objects(ckpt.capture_rng(self.generator), self.world_size)
         folder = ckpt.step_dir(self.checkpoints, self.step)
         if self.rank == 0 and not folder.exists():
@@ -323,7 +343,8 @@ class Trainer:
             epoch, position = divmod(micro_batches, self.batches_per_epoch)
             info = {"step": self.step, "epoch": epoch, "batches_into_epoch": position,
                     "micro_batches": micro_batches, "ema_num_updates": self.ema.num_updates if self.ema else 0,
-                    "total_steps": self.total_steps, "world_size": self.world_size, "config": self.config.to_dict()}
+                    "total_steps": self.total_steps, "world_size": self.world_size, "config": self.config.to_dict(),
+                    "fingerprint": self.fingerprint}
             ckpt.save_checkpoint(folder, unet=self.unet, ema_model=self.ema and self.ema.model,
                                  optimizer=self.optimizer, scaler=self.scaler, rng_states=rng_states, info=info)
             ckpt.prune_checkpoints(self.checkpoints, self.config.keep_checkpoints)
@@ -337,14 +358,17 @@ class Trainer:
             raise FileNotFoundError(f"resume=True but {self.checkpoints} holds no checkpoint (step_XXXXXXX/)")
         info, rng_states = ckpt.load_checkpoint(folder, unet=self.unet, ema_model=self.ema and self.ema.model,
                                                 optimizer=self.optimizer, scaler=self.scaler)
-        saved, current = info["config"], self.config.to_dict()
-        changed = sorted(k for k in saved.keys() | current.keys()
-                         if k not in _RESUMABLE_CHANGES and saved.get(k) != current.get(k))
+        changed = ckpt.fingerprint_changes(info.get("fingerprint", {}), self.fingerprint)
         if info["total_steps"] != self.total_steps and self.config.lr_schedule != "constant":
-            changed.append(f"total_steps {info['total_steps']} -> {self.total_steps} (the lr schedule)")
+            changed.append(f"total_steps (the lr schedule): {info['total_steps']} -> {self.total_steps}")
+        if changed and not self.config.allow_resume_changes:
+            raise ValueError(f"resume: {folder} was written by a different run; what changed:\n  "
+                             + "\n  ".join(changed) + "\npass allow_resume_changes=True to resume anyway (the "
+                             "result will not match an uninterrupted run), or use another output_dir")
         if changed or len(rng_states) != self.world_size:
-            warnings.warn(f"resuming {folder} with different settings ({changed}, {len(rng_states)} -> "
-                          f"{self.world_size} processes): the run will not match an uninterrupted one", stacklevel=3)
+            warnings.warn(f"resuming {folder} with changes ({len(changed)} fingerprint entries, "
+                          f"{len(rng_states)} -> {self.world_size} processes): the run will not match an "
+                          "uninterrupted one", stacklevel=3)
         ckpt.restore_rng(rng_states[self.rank % len(rng_states)], self.generator)
         self.step, self.last_checkpoint = int(info["step"]), folder
         if self.ema is not None:

@@ -1,0 +1,123 @@
+"""Hostile training runs: bad learning rates, weights that turn non-finite, resuming another run, two runs in
+one folder, damaged checkpoint files. Each is refused by minidiff with a message naming the culprit."""
+from __future__ import annotations
+
+import json
+import math
+import stat
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+import minidiff
+from conftest import TINY
+from minidiff.training import TrainConfig, Trainer, train
+from minidiff.training import checkpoint as ckpt
+
+FAST = dict(batch_size=4, log_samples_every=0, save_model_every=0, progress=False, lr=1e-3, max_steps=2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_unet() -> minidiff.UNet:
+    torch.manual_seed(0)
+    return minidiff.UNet.from_config(TINY)
+
+
+def images(seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.rand(8, 3, 8, 8, generator=g) * 2 - 1)
+
+
+def scheduler(**changes) -> minidiff.DDPMScheduler:
+    return minidiff.DDPMScheduler(num_train_timesteps=50, **changes)
+
+
+@pytest.mark.parametrize("lr", [math.inf, math.nan, 0.0, -1e-4])
+def test_non_finite_or_non_positive_lr_is_refused(lr):
+    with pytest.raises(ValueError, match=r"lr=.* must be > 0 and finite"):
+        TrainConfig(lr=lr)
+
+
+def test_weights_that_turn_non_finite_are_never_checkpointed(tmp_path, monkeypatch):
+    def overflowing_step(self):  # as a huge lr leaves them, while the step's loss was still finite
+        result = original(self)
+        with torch.no_grad():
+            self.unet.conv_out.weight[0, 0, 0, 0] = math.inf
+        return result
+
+    original = Trainer.optimizer_step
+    monkeypatch.setattr(Trainer, "optimizer_step", overflowing_step)
+    config = TrainConfig(output_dir=str(tmp_path), **{**FAST, "save_model_every": 1, "ema_decay": 0.0})
+    with pytest.raises(FloatingPointError, match=r"conv_out\.weight.*not finite.*last good checkpoint is none"):
+        train(tiny_unet(), scheduler(), images(), config)
+    assert ckpt.list_checkpoints(tmp_path / "checkpoints") == []
+    assert not (tmp_path / "unet").exists()
+
+
+@pytest.mark.parametrize("change, what", [
+    (dict(scheduler=dict(beta_schedule="squaredcos_cap_v2")), "scheduler.beta_schedule"),
+    (dict(data_seed=1), "dataset.first_item_sha256"),
+    (dict(config=dict(batch_size=8)), "settings.batch_size"),
+    (dict(config=dict(seed=3)), "settings.seed"),
+])
+def test_resuming_a_different_run_is_refused_listing_what_changed(tmp_path, change, what):
+    train(tiny_unet(), scheduler(), images(), TrainConfig(output_dir=str(tmp_path), **{**FAST, "save_model_every": 1}))
+    config = {**FAST, "max_steps": 3, **change.get("config", {})}
+    other = (tiny_unet(), scheduler(**change.get("scheduler", {})), images(change.get("data_seed", 0)))
+    with pytest.raises(ValueError, match=rf"written by a different run; what changed:\n  (.*\n  )*{what}"):
+        Trainer(*other, TrainConfig(output_dir=str(tmp_path), resume=True, **config))
+    result = train(*other, TrainConfig(output_dir=str(tmp_path), resume=True, allow_resume_changes=True, **config))
+    assert result.step == 3
+
+
+def test_extending_max_steps_resumes_without_complaint(tmp_path):
+    train(tiny_unet(), scheduler(), images(), TrainConfig(output_dir=str(tmp_path), **{**FAST, "save_model_every": 1,
+                                                                                      "lr_schedule": "constant"}))
+    result = train(tiny_unet(), scheduler(), images(), TrainConfig(
+        output_dir=str(tmp_path), resume=True, **{**FAST, "max_steps": 4, "lr_schedule": "constant"}))
+    assert result.step == 4
+
+
+def test_two_runs_cannot_write_into_one_folder(tmp_path):
+    first = Trainer(tiny_unet(), scheduler(), images(), TrainConfig(output_dir=str(tmp_path), **FAST))
+    with pytest.raises(RuntimeError, match="another training run is writing to this folder"):
+        Trainer(tiny_unet(), scheduler(), images(), TrainConfig(output_dir=str(tmp_path), overwrite=True, **FAST))
+    first.run()  # releases the folder
+    train(tiny_unet(), scheduler(), images(), TrainConfig(output_dir=str(tmp_path), overwrite=True, **FAST))
+
+
+def _checkpoint(tmp_path):
+    train(tiny_unet(), scheduler(), images(), TrainConfig(output_dir=str(tmp_path), **{**FAST, "save_model_every": 1}))
+    return ckpt.latest_checkpoint(tmp_path / "checkpoints")
+
+
+def test_checkpoint_files_are_readable_by_others(tmp_path):
+    folder = _checkpoint(tmp_path)
+    for path in [folder, *folder.rglob("*")]:
+        assert path.stat().st_mode & stat.S_IROTH, path
+
+
+def test_a_truncated_training_state_is_named(tmp_path):
+    folder = _checkpoint(tmp_path)
+    state = folder / ckpt.TRAINING_STATE
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(ValueError, match=rf"{ckpt.TRAINING_STATE}: cannot restore the optimizer state"):
+        Trainer(tiny_unet(), scheduler(), images(), TrainConfig(output_dir=str(tmp_path), resume=True, **FAST))
+
+
+def test_a_trainer_state_missing_a_key_is_named(tmp_path):
+    folder = _checkpoint(tmp_path)
+    info_path = folder / ckpt.TRAINER_STATE
+    info = json.loads(info_path.read_text())
+    del info["ema_num_updates"]
+    info_path.write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=rf"{ckpt.TRAINER_STATE}: missing keys \['ema_num_updates'\]"):
+        Trainer(tiny_unet(), scheduler(), images(), TrainConfig(output_dir=str(tmp_path), resume=True, **FAST))
