@@ -208,12 +208,49 @@ class Shapes(LabeledDataset):
 # ------------------------------------------------------------------------------- files on disk
 
 
-def _pil_to_tensor(image, channels: int, size: int) -> Tensor:
-    """A PIL image as (C, size, size) in [-1, 1]: converted, resized and centre-cropped."""
-    from torchvision.transforms.functional import pil_to_tensor
+def _pil_to_unit_array(image) -> "np.ndarray":
+    """A PIL image as float32 (H, W) or (H, W, 3) in [0, 1]: 8-bit modes / 255, 16-bit ones / 65535, 32-bit
+    integer ones by their bit depth's range, float ones as they are ([0, 1]) or / 255 ([0, 255]); any
+    transparency composited over white. Raises ValueError for what has no defined range."""
+    import numpy as np
+    from PIL import Image
 
-    tensor = pil_to_tensor(image.convert("L" if channels == 1 else "RGB")).float() / 127.5 - 1
-    return resize_center_crop(tensor[None], size)[0]
+    if image.mode == "P" or image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image).convert("RGB")
+    if image.mode.startswith("I;16"):
+        return np.asarray(image, dtype=np.float32) / 65535
+    if image.mode == "I":  # 16-bit PNGs open as "I" too
+        array = np.asarray(image, dtype=np.float64)
+        scale = 65535 if array.min() >= 0 and array.max() <= 65535 else None
+        if scale is None:
+            raise ValueError(f"32-bit integer pixels from {array.min():.0f} to {array.max():.0f}: no known range")
+        return (array / scale).astype(np.float32)
+    if image.mode == "F":
+        array = np.asarray(image, dtype=np.float32)
+        if not np.isfinite(array).all():
+            raise ValueError("float pixels that are not finite")
+        low, high = float(array.min()), float(array.max())
+        if low >= 0 and high <= 1:
+            return array
+        if low >= 0 and high <= 255:
+            return array / 255
+        raise ValueError(f"float pixels from {low} to {high}: expected [0, 1] or [0, 255]")
+    if image.mode not in ("L", "RGB"):
+        image = image.convert("RGB")  # CMYK, YCbCr, 1-bit, ...
+    return np.asarray(image, dtype=np.float32) / 255
+
+
+def _pil_to_tensor(image, channels: int, size: int) -> Tensor:
+    """A PIL image as (C, size, size) in [-1, 1]: scaled by its real range, converted, resized, centre-cropped."""
+    array = torch.from_numpy(_pil_to_unit_array(image).copy())
+    tensor = array[None] if array.dim() == 2 else array.permute(2, 0, 1)  # (C, H, W)
+    if channels == 1 and tensor.shape[0] == 3:  # ITU-R 601-2 luma, as PIL's convert("L")
+        tensor = (tensor * torch.tensor([0.299, 0.587, 0.114])[:, None, None]).sum(0, keepdim=True)
+    elif channels == 3 and tensor.shape[0] == 1:
+        tensor = tensor.expand(3, -1, -1)
+    return resize_center_crop((tensor * 2 - 1)[None], size)[0]
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -261,7 +298,7 @@ class ImageFolder(LabeledDataset):
         try:
             with Image.open(path) as image:
                 tensor = _pil_to_tensor(image, self.channels, self.image_size)
-        except (OSError, SyntaxError, ValueError) as err:  # PIL raises these for truncated/corrupt files
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # corrupt, truncated, huge
             raise ValueError(f"{path}: cannot read image ({err})") from None
         if self.augment and torch.rand(()) < 0.5:
             tensor = tensor.flip(-1)
