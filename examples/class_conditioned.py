@@ -14,6 +14,10 @@ samples.png (one row per class), metrics.json, and the training log of minidiff.
 """
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: no spinning threads on a busy machine
+
 import argparse
 import json
 import time
@@ -56,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     dataset = Digits(args.image_size, split="train", augment=False)
@@ -75,6 +79,9 @@ def main(argv: list[str] | None = None) -> dict:
         log_samples_every=0, save_model_every=max(args.max_steps // 3, 1), resume=args.resume,
         overwrite=not args.resume))
     train_seconds = time.perf_counter() - start
+    if result.interrupted:  # a checkpoint was saved; the pipeline is written when training completes
+        print(f"training stopped after step {result.step}; run again with --resume to finish it")
+        return None
 
     ema_unet, _ = minidiff.load_pipeline(args.output_dir)  # the EMA weights, as saved
     ddim = minidiff.DDIMScheduler.from_config(scheduler.config)

@@ -12,6 +12,10 @@ results.json with the CLIP loss of both (lower is closer to the prompt).
 """
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: no spinning threads on a busy machine
+
 import argparse
 from pathlib import Path
 
