@@ -18,14 +18,6 @@ from minidiff.training import checkpoint as ckpt
 FAST = dict(batch_size=4, log_samples_every=0, save_model_every=0, progress=False, lr=1e-3, max_steps=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_unet() -> minidiff.UNet:
     torch.manual_seed(0)
     return minidiff.UNet.from_config(TINY)
