@@ -229,8 +229,8 @@ def test_masked_out_pixels_are_the_input_exactly(unet, name):
 
 def test_mask_of_ones_is_img2img(unet):
     x0, noise = images(), torch.randn(2, 3, 8, 8)
-    assert torch.equal(run(unet, DDIMScheduler(), init_images=x0, mask=torch.ones(1, 3, 8, 8), strength=0.7, noise=noise),
-                       run(unet, DDIMScheduler(), init_images=x0, strength=0.7, noise=noise))
+    masked = run(unet, DDIMScheduler(), init_images=x0, mask=torch.ones(1, 3, 8, 8), strength=0.7, noise=noise)
+    assert torch.equal(masked, run(unet, DDIMScheduler(), init_images=x0, strength=0.7, noise=noise))
 
 
 @pytest.mark.parametrize("kwargs,match", [

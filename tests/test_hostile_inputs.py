@@ -24,7 +24,7 @@ from conftest import TINY
     ("layers_per_block", 0, ValueError, r"layers_per_block=0: values must be >= 1"),
     ("norm_eps", 0.0, ValueError, r"norm_eps=0.0 must be > 0"),
     ("norm_eps", -1e-5, ValueError, r"norm_eps=-1e-05 must be > 0"),
-    ("norm_eps", math.nan, TypeError, r"norm_eps=nan: expected float"),
+    ("norm_eps", math.nan, ValueError, r"norm_eps=nan: must be finite"),
     ("dropout", 1.5, ValueError, r"dropout=1.5 in \[0, 1\)"),
     ("norm_num_groups", 0, ValueError, r"norm_num_groups=0"),
     ("attention_head_dim", 0, ValueError, r"attention_head_dim=0"),

@@ -34,8 +34,20 @@ def scheduler(**changes) -> minidiff.DDPMScheduler:
 
 @pytest.mark.parametrize("lr", [math.inf, math.nan, 0.0, -1e-4])
 def test_non_finite_or_non_positive_lr_is_refused(lr):
-    with pytest.raises(ValueError, match=r"lr=.* must be > 0 and finite"):
+    with pytest.raises(ValueError, match=r"lr=.* must be (> 0 and )?finite"):
         TrainConfig(lr=lr)
+
+
+@pytest.mark.parametrize("field, value, error, message", [
+    ("lr", "1e-4", TypeError, r"TrainConfig.lr='1e-4': expected float"),
+    ("resume", "false", TypeError, r"TrainConfig.resume='false': expected bool"),
+    ("batch_size", 8.0, TypeError, r"TrainConfig.batch_size=8.0: expected int"),
+    ("adam_betas", (0.9, 1.5), ValueError, r"adam_betas=\(0.9, 1.5\): both must be in \[0, 1\)"),
+    ("max_minutes", math.inf, ValueError, r"max_minutes=inf: must be finite"),
+])
+def test_bad_train_config_values(field, value, error, message):
+    with pytest.raises(error, match=message):
+        TrainConfig(**{field: value})
 
 
 def test_weights_that_turn_non_finite_are_never_checkpointed(tmp_path, monkeypatch):

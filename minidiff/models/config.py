@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from ..checks import check_type
 from ..files import BOOKKEEPING_KEYS, DIFFUSERS_VERSION
 from .functional import ACT_FN_NAMES
 
@@ -50,35 +51,6 @@ CONDITION_ONLY = ("cross_attention_dim", "transformer_layers_per_block", "use_li
 
 def _tuple(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
-
-
-def _split_top(text: str, sep: str) -> list[str]:
-    """``text`` split at the ``sep`` characters that are outside brackets."""
-    parts, depth, start = [], 0, 0
-    for i, char in enumerate(text):
-        depth += {"[": 1, "]": -1}.get(char, 0)
-        if char == sep and depth == 0:
-            parts.append(text[start:i].strip())
-            start = i + 1
-    return parts + [text[start:].strip()]
-
-
-def _matches(value: Any, annotation: str) -> bool:
-    """Whether ``value`` is of the type a field's annotation names (int, float, bool, str, None and tuples
-    of these): no bool for an int, no string for a bool, finite floats."""
-    for option in _split_top(annotation, "|"):
-        if option == "None" and value is None or option == "bool" and type(value) is bool \
-                or option == "int" and type(value) is int or option == "str" and type(value) is str \
-                or option == "float" and type(value) in (int, float) and math.isfinite(value):
-            return True
-        if option.startswith("tuple[") and isinstance(value, tuple):
-            inner = _split_top(option[6:-1], ",")
-            if inner[-1] == "...":
-                if all(_matches(v, inner[0]) for v in value):
-                    return True
-            elif len(inner) == len(value) and all(_matches(v, a) for v, a in zip(value, inner)):
-                return True
-    return False
 
 
 def _minimum(value: Any) -> float:
@@ -149,8 +121,7 @@ class UNetConfig:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = _tuple(getattr(self, f.name))
-            if not _matches(value, f.type):
-                raise TypeError(f"UNetConfig.{f.name}={value!r}: expected {f.type}")
+            check_type(f"UNetConfig.{f.name}", value, f.type)
             object.__setattr__(self, f.name, value)
         self._validate()
 

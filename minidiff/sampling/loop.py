@@ -17,11 +17,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..schedulers import DDIMScheduler, Generator, MultistepOutput, Scheduler, SchedulerOutput, randn
-from .denoiser import classifier_free, denoiser
+from .denoiser import denoiser
 from .editing import ImageEdit, check_images
 from .guidance import Guide, guided_predictor
-
-__all__ = ["classifier_free", "sample"]
 
 Callback = Callable[[int, Tensor, Tensor, SchedulerOutput], None]
 

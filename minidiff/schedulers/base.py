@@ -146,7 +146,8 @@ def x0_and_eps(prediction_type: str, model_output: Tensor, sample: Tensor, alpha
     return alpha * sample - sigma * model_output, alpha * model_output + sigma * sample
 
 
-def split_learned_variance(model_output: Tensor, sample: Tensor, variance_type: str | None) -> tuple[Tensor, Tensor | None]:
+def split_learned_variance(model_output: Tensor, sample: Tensor,
+                           variance_type: str | None) -> tuple[Tensor, Tensor | None]:
     """(prediction, learned variance or None): a "learned"/"learned_range" model outputs 2 x C channels."""
     if variance_type is None or not variance_type.startswith("learned"):
         if model_output.shape != sample.shape:

@@ -93,7 +93,8 @@ class DPMSolverMultistepScheduler(Scheduler):
         self._sigmas = ((1 - alpha_bar) / alpha_bar) ** 0.5  # the noise level of x_t / alpha_t, float32
         # the timesteps whose lambda = log(alpha / sigma) is at least lambda_min_clipped: 0 .. last - 1
         lambdas = torch.log(alpha_bar ** 0.5) - torch.log((1 - alpha_bar) ** 0.5)
-        self._last = self.num_train_timesteps - int(torch.searchsorted(lambdas.flip(0), self._config.lambda_min_clipped))
+        clipped = int(torch.searchsorted(lambdas.flip(0), self._config.lambda_min_clipped))
+        self._last = self.num_train_timesteps - clipped
 
     def timesteps(self, num_inference_steps: int) -> Tensor:
         """diffusers' DPMSolverMultistepScheduler.set_timesteps(N): with L = the timesteps whose lambda is

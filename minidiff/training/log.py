@@ -27,10 +27,26 @@ class MetricsLog:
             f.write(json.dumps(row) + "\n")
 
     def rows(self) -> list[dict[str, Any]]:
+        """The logged rows. A last line cut short (a crash while appending) is dropped with a warning; a broken
+        line elsewhere raises ValueError naming the file and the line."""
         if not self.path.is_file():
             return []
-        lines = self.path.read_text(encoding="utf-8").splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+        lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+        rows = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                rows.append(row)
+            elif number == len(lines):
+                warnings.warn(f"{self.path}: line {number} is cut short; dropping it", stacklevel=2)
+            else:
+                raise ValueError(f"{self.path}: line {number} is not a metrics row ({line[:80]!r})")
+        return rows
 
     def truncate(self, step: int) -> None:
         """Drop the rows after ``step``: a resumed run rewrites them, so the log reads as one run."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import math
 import shutil
 import time
@@ -32,6 +33,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .distributed import EpochBatches, barrier, data_loader, gather_objects, mean_and_any, setup_distributed
 from .ema import EMA
+from ..checks import check_type
 from ..files import write_json
 from ..io import save_pipeline, save_unet
 from ..schedulers import DDIMScheduler, DDPMScheduler
@@ -80,6 +82,12 @@ class TrainConfig:
     progress: bool = True                  # tqdm progress bar (rank 0)
 
     def __post_init__(self) -> None:
+        if isinstance(self.output_dir, os.PathLike):  # a Path is welcome too
+            object.__setattr__(self, "output_dir", os.fspath(self.output_dir))
+        if isinstance(self.adam_betas, list):
+            object.__setattr__(self, "adam_betas", tuple(self.adam_betas))
+        for field in dataclasses.fields(self):
+            check_type(f"TrainConfig.{field.name}", getattr(self, field.name), field.type)
         minimum = dict(batch_size=1, grad_accumulation_steps=1, num_epochs=1, max_steps=1, sample_steps=1, seed=0,
                        warmup_steps=0, log_samples_every=0, save_model_every=0, keep_checkpoints=0, num_workers=0)
         for name, low in minimum.items():
@@ -97,8 +105,8 @@ class TrainConfig:
         if not 0 <= self.ema_decay < 1 or not 0 <= self.cond_drop_prob < 1:
             raise ValueError(f"TrainConfig: ema_decay={self.ema_decay} and cond_drop_prob={self.cond_drop_prob} "
                              "must be in [0, 1)")
-        object.__setattr__(self, "adam_betas", tuple(self.adam_betas))
-        object.__setattr__(self, "output_dir", str(self.output_dir))  # a Path is welcome too
+        if not all(0 <= beta < 1 for beta in self.adam_betas):
+            raise ValueError(f"TrainConfig.adam_betas={self.adam_betas}: both must be in [0, 1)")
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as JSON values."""
