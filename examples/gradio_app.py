@@ -13,6 +13,10 @@ model 5 tints the shapes and 20 or more turns them into flat colour (examples/gu
 """
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: no spinning threads on a busy machine
+
 import argparse
 from pathlib import Path
 from typing import Any, Callable

@@ -9,6 +9,10 @@ noise in every row), results.json and results.md.
 """
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: no spinning threads on a busy machine
+
 import argparse
 import time
 from pathlib import Path
