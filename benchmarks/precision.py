@@ -1,7 +1,8 @@
 """Reduced precision (bfloat16, float16) against float32: speed of the UNet forward, of a sampling run and of a
 training step, minidiff vs diffusers under the same ``torch.autocast``; the Trainer's loss curve; sample quality.
 
-    python benchmarks/precision.py [--sections forward sampling train curve quality] [--runs 7] [--threads N]
+    python benchmarks/precision.py [--sections forward sampling train curve quality digits] [--runs 7]
+        [--threads N] [--digits_model outputs/class_conditioned]
 
 Every timed section runs its cases in turns (A, B, C, A, B, C, ...) and reports medians, since the machine may be
 shared. The CPU's instruction sets decide what reduced precision is worth there, so the table and the JSON start
@@ -18,9 +19,12 @@ Sections (each updates its own key of the JSON, so they can run separately):
   curve     the Trainer with mixed_precision "no" and "bf16", same seed and data (shapes-32's architecture
             trained from scratch on "stripes"), the two runs' steps interleaved: seconds per step and the loss.
   quality   the shipped shapes-32 model, DDIM, the same initial noise sampled in float32 and under autocast
-            (forced, so that the numbers exist on a CPU where optimize would keep float32), scored by the shapes
-            judge (benchmarks/ddpm_vs_ddim.py's Frechet distance, confidence, balance), next to the run-to-run
-            noise of each measure: a second float32 run from other seeds.
+            (forced, so that the numbers exist on a CPU where optimize would keep float32), scored as
+            benchmarks/samplers.py scores it (the Frechet distance on the shapes judge's features) and by the
+            judge's confidence, next to the run-to-run noise of each measure: a second float32 run, other seeds.
+  digits    judged accuracy of a class-conditional digits model (--digits_model, trained by
+            examples/class_conditioned.py) under classifier-free guidance, the same way: two float32 seeds and
+            each reduced precision.
 Writes benchmarks/results/precision.json (--out).
 """
 from __future__ import annotations
@@ -92,10 +96,10 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_cases(fns: dict[str, Callable[[], Any]], runs: int, device: str) -> dict[str, float]:
+def time_cases(fns: dict[str, Callable[[], Any]], runs: int, device: str, warmup: int = 1) -> dict[str, float]:
     """Median seconds of each case (cases taking turns)."""
     timed = {name: (lambda fn=fn: (fn(), sync(device))) for name, fn in fns.items()}
-    return {name: common.median(ts) for name, ts in common.time_interleaved(timed, runs).items()}
+    return {name: common.median(ts) for name, ts in common.time_interleaved(timed, runs, warmup).items()}
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -111,12 +115,12 @@ def build_models(device: str) -> tuple[minidiff.UNet, nn.Module]:
     return unet, twin.to(device).eval()
 
 
-def model_cases(unet: minidiff.UNet, twin: nn.Module, device: str) -> dict[str, nn.Module]:
-    """Case name -> a float32-returning model: each library in each precision, minidiff's optimize paths."""
-    cases = {}
+def model_cases(unet: minidiff.UNet, twin: nn.Module, device: str, eager_reduced: bool) -> dict[str, nn.Module]:
+    """Case name -> a float32-returning model: each library in each precision (minidiff's eager model under
+    autocast only with ``eager_reduced``), minidiff's optimize paths."""
     dtypes = [torch.float32, *reduced_dtypes(device)]
-    for dtype in dtypes:
-        cases[f"diffusers {NAMES[dtype]}"] = Wrapped(twin, unet.config, device, dtype)
+    cases = {f"diffusers {NAMES[dtype]}": Wrapped(twin, unet.config, device, dtype) for dtype in dtypes}
+    for dtype in dtypes if eager_reduced else dtypes[:1]:
         cases[f"minidiff {NAMES[dtype]}"] = Wrapped(unet, unet.config, device, dtype)
     optimized = minidiff.optimize(copy.deepcopy(unet))
     for dtype in dtypes:
@@ -139,14 +143,15 @@ def ratio_columns(name: str, times: dict[str, float]) -> list[float]:
 # ---------------------------------------------------------------------------------------------- sections
 def forward_section(args: argparse.Namespace) -> dict[str, Any]:
     unet, twin = build_models(args.device)
-    cases = model_cases(unet, twin, args.device)
+    cases = model_cases(unet, twin, args.device, eager_reduced=True)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch_size, 3, 32, 32, generator=g).to(args.device)
     t = torch.randint(0, 1000, (args.batch_size,), generator=g).to(args.device)
     with torch.no_grad():
         reference = cases["minidiff fp32"](x, t)
-        outputs = {name: model(x, t) for name, model in cases.items()}  # optimize(dtype=) decides here
-        times = time_cases({name: (lambda m=model: m(x, t)) for name, model in cases.items()}, args.runs, args.device)
+        outputs = {name: model(x, t) for name, model in cases.items()}  # the warm-up; optimize(dtype=) decides
+        times = time_cases({name: (lambda m=model: m(x, t)) for name, model in cases.items()}, args.runs, args.device,
+                           warmup=0)
     scale = reference.abs().max()
     rows = {name: {"ms": 1e3 * times[name], "vs_diffusers_fp32": ratio_columns(name, times)[0],
                    "vs_diffusers_same_precision": ratio_columns(name, times)[1],
@@ -157,7 +162,7 @@ def forward_section(args: argparse.Namespace) -> dict[str, Any]:
 
 def sampling_section(args: argparse.Namespace) -> dict[str, Any]:
     unet, twin = build_models(args.device)
-    cases = model_cases(unet, twin, args.device)
+    cases = model_cases(unet, twin, args.device, eager_reduced=False)
     scheduler = minidiff.DDIMScheduler()
     noise = torch.randn(args.batch_size, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(args.device)
 
@@ -165,9 +170,9 @@ def sampling_section(args: argparse.Namespace) -> dict[str, Any]:
         return minidiff.sample(model, scheduler, batch_size=args.batch_size, num_inference_steps=args.sample_steps,
                                noise=noise, progress=False)
 
-    outputs = {name: run(model) for name, model in cases.items()}
+    outputs = {name: run(model) for name, model in cases.items()}  # the warm-up
     times = time_cases({name: (lambda m=model: run(m)) for name, model in cases.items()}, args.sample_runs,
-                       args.device)
+                       args.device, warmup=0)
     reference = outputs["minidiff fp32"]
     rows = {name: {"s": times[name], "vs_diffusers_fp32": ratio_columns(name, times)[0],
                    "vs_diffusers_same_precision": ratio_columns(name, times)[1],
@@ -178,7 +183,8 @@ def sampling_section(args: argparse.Namespace) -> dict[str, Any]:
 
 def train_section(args: argparse.Namespace) -> dict[str, Any]:
     unet, twin = build_models(args.device)
-    dtypes = [torch.float32, *reduced_dtypes(args.device)]
+    # the precisions the Trainer's mixed_precision offers on this device (fp16 needs CUDA's loss scaling)
+    dtypes = [torch.float32, *(d for d in reduced_dtypes(args.device) if args.device == "cuda" or d != torch.float16)]
     models = {f"{lib} {NAMES[d]}": (copy.deepcopy(m).train(), d) for d in dtypes for lib, m in
               (("diffusers", twin), ("minidiff", unet))}
     models.update({f"minidiff optimize {NAMES[d]}": (minidiff.optimize(copy.deepcopy(unet).train()), d)
@@ -199,7 +205,7 @@ def train_section(args: argparse.Namespace) -> dict[str, Any]:
         loss.backward()
         optimizers[name].step()
         optimizers[name].zero_grad(set_to_none=True)
-        losses.setdefault(name, float(loss))  # the first step: same weights and batch for all
+        losses.setdefault(name, float(loss.detach()))  # the first step: same weights and batch for all
 
     times = time_cases({name: (lambda n=name: step(n)) for name in models}, args.runs, args.device)
     rows = {name: {"ms": 1e3 * times[name], "vs_diffusers_fp32": ratio_columns(name, times)[0],
@@ -250,15 +256,34 @@ def curve_section(args: argparse.Namespace) -> dict[str, Any]:
                                                                                  seconds["bf16"][1:])])}
 
 
+class Quality:
+    """benchmarks/samplers.py's quality measure for shapes-32: the Frechet distance between the shapes judge's
+    features of the images and of --num_reference held-out real images; and the judge's mean confidence."""
+
+    def __init__(self, num_reference: int):
+        from samplers import MODELS, judge_features, real_images
+
+        from minidiff.judge import Judge
+
+        (ref_name, ref_kwargs), self.real, judge_name = MODELS["shapes-32"]
+        self.judge, self.judge_features = Judge.for_dataset(judge_name, image_size=32), judge_features
+        self.reference = judge_features(self.judge, real_images(ref_name, ref_kwargs, num_reference))
+        self.real_images = lambda n: real_images(*self.real, n)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> dict[str, float]:
+        from minidiff.judge import frechet_distance
+
+        probabilities = self.judge.model(images.clamp(-1, 1)).softmax(1)
+        return {"fd": frechet_distance(self.judge_features(self.judge, images), self.reference),
+                "confidence": float(probabilities.max(1).values.mean())}
+
+
 def quality_section(args: argparse.Namespace) -> dict[str, Any]:
-    from ddpm_vs_ddim import Quality, real_images
-
-    from minidiff.judge import Judge
-
     unet, scheduler = minidiff.pretrained("shapes-32")
     unet = minidiff.optimize(unet.to(args.device).eval())
     ddim = minidiff.DDIMScheduler.from_config(scheduler.config)
-    quality = Quality(Judge.for_dataset("shapes", image_size=32), real_images("shapes", 32, 2000, seed=2))
+    quality = Quality(args.num_reference)
     shape = (args.num_samples, 3, 32, 32)
     noises = {seed: torch.randn(shape, generator=torch.Generator().manual_seed(seed)) for seed in (10, 11)}
     runs = {"fp32, seeds A": (torch.float32, 10), "fp32, seeds B": (torch.float32, 11)}
@@ -274,13 +299,39 @@ def quality_section(args: argparse.Namespace) -> dict[str, Any]:
     for name in runs:
         scores[name]["max_abs_diff_vs_fp32_A"] = float((images[name] - reference).abs().max())
         scores[name]["mean_abs_diff_vs_fp32_A"] = float((images[name] - reference).abs().mean())
-    real = quality(real_images("shapes", 32, args.num_samples, seed=3))
+    real = quality(quality.real_images(args.num_samples))
     return {"model": "shapes-32", "sampler": f"DDIM-{args.quality_steps}", "num_samples": args.num_samples,
             "scores": scores, "real": real}
 
 
+def digits_section(args: argparse.Namespace) -> dict[str, Any]:
+    """Judged accuracy of a class-conditional digits model (examples/class_conditioned.py trains one) under
+    classifier-free guidance: float32 from two seeds (the measure's noise) and each reduced precision."""
+    from minidiff.judge import Judge, judge_samples
+
+    if not Path(args.digits_model).is_dir():
+        raise FileNotFoundError(f"--digits_model {args.digits_model} is not a pipeline folder; train one with "
+                                f"python examples/class_conditioned.py --output_dir {args.digits_model}")
+    unet, scheduler = minidiff.load_pipeline(args.digits_model)
+    unet = minidiff.optimize(unet.to(args.device).eval())
+    ddim = minidiff.DDIMScheduler.from_config(scheduler.config)
+    judge = Judge.for_dataset("digits", image_size=unet.config.sample_size)
+    runs = {"fp32, seed 0": (torch.float32, 0), "fp32, seed 1": (torch.float32, 1)}
+    runs.update({f"{NAMES[d]}, seed 0": (d, 0) for d in reduced_dtypes(args.device)})
+    scores, images = {}, {}
+    for name, (dtype, seed) in runs.items():
+        images[name], _, report = judge_samples(Wrapped(unet, unet.config, args.device, dtype), ddim, judge,
+                                                samples_per_class=args.digits_per_class, seed=seed,
+                                                guidance_scale=args.guidance_scale, progress=False)
+        scores[name] = {"judged_accuracy": report.accuracy,
+                        "mean_abs_diff_vs_fp32_seed0": float((images[name] - images["fp32, seed 0"]).abs().mean())}
+        print(name, scores[name], flush=True)
+    return {"model": args.digits_model, "sampler": "DDIM-50", "guidance_scale": args.guidance_scale,
+            "samples": args.digits_per_class * judge.num_classes, "scores": scores}
+
+
 SECTIONS = {"forward": forward_section, "sampling": sampling_section, "train": train_section,
-            "curve": curve_section, "quality": quality_section}
+            "curve": curve_section, "quality": quality_section, "digits": digits_section}
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -303,11 +354,11 @@ def curve_table(section: dict[str, Any]) -> str:
 
 
 def quality_table(section: dict[str, Any]) -> str:
-    rows = [[name, s["fd"], s["confidence"], s["balance"], s["mean_abs_diff_vs_fp32_A"]]
+    rows = [[name, s["fd"], s["confidence"], s["mean_abs_diff_vs_fp32_A"], s["max_abs_diff_vs_fp32_A"]]
             for name, s in section["scores"].items()]
-    rows.append(["real images", section["real"]["fd"], section["real"]["confidence"], section["real"]["balance"], None])
+    rows.append(["real images", section["real"]["fd"], section["real"]["confidence"], None, None])
     return f"quality ({section['model']}, {section['sampler']}, {section['num_samples']} samples)\n" + \
-        common.markdown_table(["run", "FD", "confidence", "balance", "mean |x - x(fp32, A)|"], rows)
+        common.markdown_table(["run", "FD", "confidence", "mean |x - x(fp32, A)|", "max |x - x(fp32, A)|"], rows)
 
 
 def target_lines(results: dict[str, Any]) -> list[str]:
@@ -342,6 +393,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--curve_window", type=int, default=25)
     p.add_argument("--num_samples", type=int, default=256, help="quality: samples per run")
     p.add_argument("--quality_steps", type=int, default=50)
+    p.add_argument("--num_reference", type=int, default=2000, help="quality: real images the FD compares with")
+    p.add_argument("--digits_model", default="outputs/class_conditioned", help="digits: a class_conditioned.py run")
+    p.add_argument("--digits_per_class", type=int, default=50)
+    p.add_argument("--guidance_scale", type=float, default=2.0, help="digits: classifier-free guidance scale")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="benchmarks/results/precision.json")
     return p.parse_args()
@@ -368,6 +423,12 @@ def main() -> None:
         print(curve_table(results["curve"]), "\n")
     if "quality" in results:
         print(quality_table(results["quality"]), "\n")
+    if "digits" in results:
+        d = results["digits"]
+        print(f"digits (judged accuracy, {d['samples']} samples, {d['sampler']}, guidance {d['guidance_scale']})\n"
+              + common.markdown_table(["run", "judged accuracy", "mean |x - x(fp32, seed 0)|"],
+                                      [[n, s["judged_accuracy"], s["mean_abs_diff_vs_fp32_seed0"]]
+                                       for n, s in d["scores"].items()]), "\n")
     for line in target_lines(results):
         print(line)
 

@@ -1,27 +1,30 @@
 """Samplers side by side on the shipped models: quality against model calls for DDPM, DDIM and DPM-Solver++
 (orders 2 and 3), wall time and sampler overhead; and DDIM inversion's reconstruction error next to diffusers'.
 
-    python benchmarks/samplers.py [--models shapes-32] [--num_samples 48] [--quick]
+    python benchmarks/samplers.py [--models shapes-32] [--num_samples 32] [--quick]
 
 Every sampler starts from the same x_T (same seed); DDIM is deterministic (eta = 0), DDPM draws its step noise
 from a second seeded generator. Each sampler is built from the model's own scheduler config
 (``from_config``, as diffusers builds them): DPM-Solver++ with ``solver_order`` 2 or 3 and the config's
 timestep spacing; and "trailing clip": "trailing" spacing (the first step at the last training timestep, where
 x_T is pure noise) with x0 clamped to [-1, 1] (thresholding at sample_max_value 1: DDPM/DDIM's clip_sample,
-which DPM-Solver lacks; without it the x0 estimates of an eps-model near alpha_bar = 0 blow up).
+which DPM-Solver lacks; without it the x0 estimates of an eps-model near alpha_bar = 0 blow up); and
+SDE-DPM-Solver++ 2M (Lu et al. 2022b sec. 5: fresh noise at every step, as DDPM).
 
 - Quality: the Fréchet distance (FID's formula, Heusel et al. 2017) between judge features of the samples
   and of --num_reference held-out real images; "real" is as many other real images as samples (what a
   perfect sampler scores at this sample count). Judge features: the last conv stage, average-pooled, of a
   small CNN trained on the model's data (``minidiff.judge``).
-- For each sampler family: the smallest step count whose distance is within 10% of DDPM-1000's.
+- For each sampler family: the smallest step count whose distance is within 10% of DDPM-1000's (the DDPM run
+  with the most steps).
 - Time: wall clock of ``minidiff.sample`` for all samples in one batch. Overhead: everything but the
   UNet forward (schedule, noise, solver update, loop) as a share of the time, in total and as the median
   over steps (robust to load changes on a shared machine). Speed-up against DDPM-1000 in wall time and
   per UNet call (each run's time counted in its own UNet forwards, which load changes do not move).
 - Inversion: --num_inversion held-out images, ``minidiff.invert`` then ``minidiff.sample(noise=latents)``
   with DDIM at 10/20/50 steps; the same with diffusers' UNet2DModel, DDIMInverseScheduler and DDIMScheduler
-  on the same weights. Error: RMSE in [-1, 1] and PSNR of the [0, 1] images.
+  on the same weights; with the model's DDIM config, and with clip_sample off (clipping x0 makes the inverse
+  steps lossy). Error: RMSE in [-1, 1] and PSNR of the [0, 1] images.
 Prints tables, writes JSON and a PNG plot.
 """
 from __future__ import annotations
@@ -53,17 +56,17 @@ QUALITY_MARGIN = 1.10                                            # "within 10%" 
 
 def samplers(config: Any, quick: bool) -> dict[str, tuple[Callable[[], Scheduler], list[int]]]:
     """family -> (scheduler factory, step counts); built from the model's scheduler config."""
-    dpm_steps = [5, 10, 20] if quick else [5, 7, 10, 15, 20]
     clipped = {"timestep_spacing": "trailing", "thresholding": True, "sample_max_value": 1.0}
 
     def dpm(order: int, **extra: Any) -> Callable[[], Scheduler]:
         return lambda: DPMSolverMultistepScheduler.from_config({**config.to_dict(), "solver_order": order, **extra})
-    return {"DDPM": (lambda: DDPMScheduler.from_config(config), [1000]),
+    return {"DDPM": (lambda: DDPMScheduler.from_config(config), [1000] if quick else [100, 1000]),
             "DDIM": (lambda: DDIMScheduler.from_config(config), [10, 20, 50] if quick else [10, 20, 50, 100]),
-            "DPM-Solver++ 2M": (dpm(2), dpm_steps),
-            "DPM-Solver++ 3M": (dpm(3), dpm_steps),
-            "DPM-Solver++ 2M trailing clip": (dpm(2, **clipped), dpm_steps),
-            "DPM-Solver++ 3M trailing clip": (dpm(3, **clipped), dpm_steps)}
+            "DPM-Solver++ 2M": (dpm(2), [5, 10, 20] if quick else [5, 10, 15, 20, 30]),
+            "DPM-Solver++ 3M": (dpm(3), [5, 10, 20] if quick else [5, 10, 15, 20, 30]),
+            "DPM-Solver++ 2M trailing clip": (dpm(2, **clipped), [5, 10, 20]),
+            "DPM-Solver++ 3M trailing clip": (dpm(3, **clipped), [5, 10, 20]),
+            "SDE-DPM-Solver++ 2M": (dpm(2, algorithm_type="sde-dpmsolver++"), [10, 20] if quick else [10, 20, 30, 50])}
 
 
 class TimedUNet(nn.Module):
@@ -122,7 +125,7 @@ def measure_quality(model: str, args: argparse.Namespace) -> tuple[list[dict[str
             rows.append({"model": model, "sampler": family, "steps": steps, "fd": fd, **run})
             print(f"  {family}-{steps}: FD {fd:.3f}, {run['seconds']:.1f} s, overhead {run['overhead_pct']:.2f}%",
                   flush=True)
-    ddpm = next(r for r in rows if r["sampler"] == "DDPM")
+    ddpm = reference_row(rows)
     for r in rows:
         r["speedup"] = ddpm["seconds"] / r["seconds"]
         r["speedup_per_unet_call"] = (ddpm["steps"] * ddpm["seconds"] / ddpm["unet_seconds"]) / (
@@ -130,9 +133,14 @@ def measure_quality(model: str, args: argparse.Namespace) -> tuple[list[dict[str
     return rows, {"model": model, "real_fd": real_fd, "judge": judge_name, "judge_test_accuracy": judge.test_accuracy}
 
 
+def reference_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The DDPM run with the most steps (DDPM-1000)."""
+    return max((r for r in rows if r["sampler"] == "DDPM"), key=lambda r: r["steps"])
+
+
 def smallest_steps(rows: list[dict[str, Any]]) -> dict[str, int | None]:
     """Per family: the fewest steps whose FD is within QUALITY_MARGIN of DDPM-1000's (None if none)."""
-    goal = QUALITY_MARGIN * next(r["fd"] for r in rows if r["sampler"] == "DDPM")
+    goal = QUALITY_MARGIN * reference_row(rows)["fd"]
     best: dict[str, int | None] = {}
     for r in rows:
         hit = r["steps"] if r["fd"] <= goal else None
@@ -148,35 +156,35 @@ def measure_inversion(model: str, args: argparse.Namespace) -> list[dict[str, An
     (name, kwargs), _, _ = MODELS[model]
     images = real_images(name, {**kwargs, "seed": kwargs.get("seed", 0) + 100}, args.num_inversion)
     unet, scheduler = pretrained(model)
-    ddim = DDIMScheduler.from_config(scheduler.config)
     reference = diffusers.UNet2DModel.from_pretrained(pretrained_path(model), subfolder="unet").eval()
-    inverse = diffusers.DDIMInverseScheduler.from_config(ddim.config.to_dict())
-    forward = diffusers.DDIMScheduler.from_config(ddim.config.to_dict())
 
     @torch.no_grad()
-    def diffusers_roundtrip(steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x = images
-        for sched, direction in ((inverse, "invert"), (forward, "sample")):
+    def diffusers_roundtrip(config: dict[str, Any], steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, latents = images, None
+        for scheduler_class in (diffusers.DDIMInverseScheduler, diffusers.DDIMScheduler):
+            sched = scheduler_class.from_config(config)
             sched.set_timesteps(steps)
             for t in sched.timesteps:
                 x = sched.step(reference(x, t).sample, t, x).prev_sample
-            latents = x if direction == "invert" else latents
+            latents = x if latents is None else latents
         return latents, x
 
     rows = []
-    for steps in args.inversion_steps:
-        start = time.perf_counter()
-        latents = minidiff.invert(unet, ddim, images, num_inference_steps=steps, progress=False)
-        recon = minidiff.sample(unet, ddim, noise=latents, batch_size=len(images), num_inference_steps=steps,
-                                progress=False)
-        seconds = time.perf_counter() - start
-        their_latents, their_recon = diffusers_roundtrip(steps)
-        rows.append({"model": model, "steps": steps, "seconds": seconds, **errors("minidiff", recon, images),
-                     **errors("diffusers", their_recon, images),
-                     "latents_max_abs_diff": float((latents - their_latents).abs().max()),
-                     "latents_std": float(latents.std())})
-        print(f"  inversion {steps} steps: RMSE minidiff {rows[-1]['minidiff_rmse']:.4f}, "
-              f"diffusers {rows[-1]['diffusers_rmse']:.4f}", flush=True)
+    for variant, overrides in (("model config", {}), ("clip_sample off", {"clip_sample": False})):
+        ddim = DDIMScheduler.from_config({**scheduler.config.to_dict(), **overrides})
+        for steps in args.inversion_steps:
+            start = time.perf_counter()
+            latents = minidiff.invert(unet, ddim, images, num_inference_steps=steps, progress=False)
+            recon = minidiff.sample(unet, ddim, noise=latents, batch_size=len(images), num_inference_steps=steps,
+                                    progress=False)
+            seconds = time.perf_counter() - start
+            their_latents, their_recon = diffusers_roundtrip(ddim.config.to_dict(), steps)
+            rows.append({"model": model, "ddim": variant, "steps": steps, "seconds": seconds,
+                         **errors("minidiff", recon, images), **errors("diffusers", their_recon, images),
+                         "latents_max_abs_diff": float((latents - their_latents).abs().max()),
+                         "latents_std": float(latents.std())})
+            print(f"  inversion ({variant}) {steps} steps: RMSE minidiff {rows[-1]['minidiff_rmse']:.4f}, "
+                  f"diffusers {rows[-1]['diffusers_rmse']:.4f}", flush=True)
     return rows
 
 
@@ -196,8 +204,8 @@ def plot(rows: list[dict[str, Any]], extras: list[dict[str, Any]], path: Path) -
     fig, axes = plt.subplots(len(models), 2, figsize=(11, 4 * len(models)), squeeze=False)
     for (ax_fd, ax_time), extra in zip(axes, extras):
         mine = [r for r in rows if r["model"] == extra["model"]]
-        ddpm = next(r for r in mine if r["sampler"] == "DDPM")
-        families = sorted({r["sampler"] for r in mine} - {"DDPM"}, key=[r["sampler"] for r in mine].index)
+        ddpm = reference_row(mine)
+        families = sorted({r["sampler"] for r in mine}, key=[r["sampler"] for r in mine].index)
         for i, family in enumerate(families):
             pts = [r for r in mine if r["sampler"] == family]
             style = "--" if "trailing" in family else "-"
@@ -228,7 +236,7 @@ def target_lines(rows: list[dict[str, Any]], inversion: list[dict[str, Any]]) ->
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]
         best = smallest_steps(mine)
-        reached = {f: n for f, n in best.items() if f.startswith("DPM") and n is not None}
+        reached = {f: n for f, n in best.items() if "DPM-Solver" in f and n is not None}
         family = min(reached, key=reached.get) if reached else None
         lines.append(f"{model}: smallest steps within 10% of DDPM-1000's FD: "
                      + ", ".join(f"{f} {n if n is not None else 'none measured'}" for f, n in best.items()))
@@ -246,7 +254,7 @@ def target_lines(rows: list[dict[str, Any]], inversion: list[dict[str, Any]]) ->
                          f"{worst['steps']}) (< {TARGET_OVERHEAD}%: {verdict(worst[key] < TARGET_OVERHEAD)})")
     for r in inversion:
         no_worse = r["minidiff_rmse"] <= 1.001 * r["diffusers_rmse"]
-        lines.append(f"{r['model']}: inversion {r['steps']} steps RMSE {r['minidiff_rmse']:.4f} vs diffusers "
+        lines.append(f"{r['model']}: inversion ({r['ddim']}) {r['steps']} steps RMSE {r['minidiff_rmse']:.4f} vs diffusers "
                      f"{r['diffusers_rmse']:.4f} (no worse: {verdict(no_worse)})")
     return lines
 
@@ -287,9 +295,9 @@ def main() -> None:
     print(common.markdown_table(["model", "sampler", "steps", "FD", "seconds", "speed-up", "speed-up per UNet call",
                                  "overhead %", "overhead % (median step)"], table))
     print("\nDDIM inversion then DDIM sampling (reconstruction of held-out images):\n")
-    print(common.markdown_table(["model", "steps", "RMSE minidiff", "RMSE diffusers", "PSNR minidiff (dB)",
+    print(common.markdown_table(["model", "DDIM", "steps", "RMSE minidiff", "RMSE diffusers", "PSNR minidiff (dB)",
                                  "PSNR diffusers (dB)", "max |latents diff|"],
-                                [[r["model"], r["steps"], r["minidiff_rmse"], r["diffusers_rmse"],
+                                [[r["model"], r["ddim"], r["steps"], r["minidiff_rmse"], r["diffusers_rmse"],
                                   r["minidiff_psnr_db"], r["diffusers_psnr_db"], r["latents_max_abs_diff"]]
                                  for r in inversion]))
     targets = target_lines(rows, inversion)

@@ -5,8 +5,11 @@ base model with ``ColorGuidance`` (the notebook's cheap variant: gradient with r
 shows it with a progress bar. The default scale is 5, not the notebook's 40: on the 32x32 shapes-32
 model 5 tints the shapes and 20 or more turns them into flat colour (examples/guidance.py measures it). Needs the ``demo`` extra (``pip install -e '.[demo]'``).
 
-    python examples/gradio_app.py                       # the shipped shapes-32 model, on 127.0.0.1:7860
+    python examples/gradio_app.py                       # the shipped models, on 127.0.0.1:7860
     python examples/gradio_app.py --model path/to/pipeline --port 8000
+
+The app offers every shipped model and, once ``make demo`` has written it, the fine-tuned faces model
+(``outputs/finetune``); ``--model`` chooses the one selected at the start.
 
 ``build_demo(unet, scheduler)`` returns the ``gr.Blocks`` (tests drive it in a headless browser;
 ``examples/space/app.py`` serves it as a Hugging Face Space).
@@ -26,9 +29,10 @@ from torch import nn
 
 import minidiff
 from minidiff.sampling.guidance import ColorGuidance, color_loss
-from minidiff.io import pretrained
+from minidiff.io import list_pretrained, pretrained
 
 DEFAULT_COLOR = "#55FFAA"
+FINETUNED_FACES = "outputs/finetune"  # where `make demo` (examples/finetune.py) writes its pipeline
 EXAMPLES = [["#BB2266", 5], ["#44CCAA", 10]]
 
 
@@ -37,6 +41,11 @@ def load_model(model: str, device: str | None = None) -> tuple[nn.Module, minidi
     unet, scheduler = minidiff.load_pipeline(model) if Path(model).is_dir() else pretrained(model)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return unet.to(device).eval(), minidiff.DDIMScheduler.from_config(scheduler.config)
+
+
+def available_models(finetuned: str = FINETUNED_FACES) -> list[str]:
+    """The shipped models, and the fine-tuned faces model once ``make demo`` has written it."""
+    return list_pretrained() + ([finetuned] if (Path(finetuned) / "model_index.json").is_file() else [])
 
 
 def generate(unet: nn.Module, scheduler: minidiff.DDIMScheduler, color: str, scale: float, steps: int,
@@ -57,13 +66,19 @@ def generate(unet: nn.Module, scheduler: minidiff.DDIMScheduler, color: str, sca
 
 
 def build_demo(unet: nn.Module, scheduler: minidiff.DDIMScheduler, *, batch_size: int = 4,
-               default_steps: int = 40, max_steps: int = 100, default_scale: float = 5.0) -> Any:
-    """The app: colour picker, guidance scale, steps, seed -> image grid and its distance to the colour."""
+               default_steps: int = 40, max_steps: int = 100, default_scale: float = 5.0,
+               models: dict[str, tuple[nn.Module, minidiff.DDIMScheduler]] | None = None) -> Any:
+    """The app: colour picker, guidance scale, steps, seed -> image grid and its distance to the colour.
+    With ``models`` (name -> (unet, scheduler)) a menu picks one, the one holding ``unet`` selected first."""
     import gradio as gr
 
-    def run(color: str, scale: float, steps: int, seed: int, progress: gr.Progress = gr.Progress()):
+    models = dict(models or {}) or {"model": (unet, scheduler)}
+    names = list(models)
+    first = next((name for name, (candidate, _) in models.items() if candidate is unet), names[0])
+
+    def run(model: str, color: str, scale: float, steps: int, seed: int, progress: gr.Progress = gr.Progress()):
         progress(0, desc="sampling")
-        image, distance = generate(unet, scheduler, color, scale, steps, seed, batch_size,
+        image, distance = generate(*models[model], color, scale, steps, seed, batch_size,
                                    on_step=lambda i: progress((i, int(steps)), desc="sampling", unit="steps"))
         return image, f"{color} · scale {scale:g} · {int(steps)} steps · mean |image − colour| = {distance:.3f}"
 
@@ -72,6 +87,7 @@ def build_demo(unet: nn.Module, scheduler: minidiff.DDIMScheduler, *, batch_size
                     "with the gradient of a colour loss on the predicted clean image.")
         with gr.Row():
             with gr.Column():
+                model = gr.Dropdown(names, value=first, label="model", elem_id="model", visible=len(names) > 1)
                 color = gr.ColorPicker(DEFAULT_COLOR, label="target colour", elem_id="color")
                 scale = gr.Slider(0, 100, value=default_scale, step=1, label="guidance scale", elem_id="scale")
                 steps = gr.Slider(1, max_steps, value=default_steps, step=1, label="DDIM steps", elem_id="steps")
@@ -81,18 +97,20 @@ def build_demo(unet: nn.Module, scheduler: minidiff.DDIMScheduler, *, batch_size
                 image = gr.Image(label="samples", type="pil", elem_id="output")
                 summary = gr.Textbox(label="result", interactive=False, elem_id="summary")
         gr.Examples(EXAMPLES, inputs=[color, scale])
-        button.click(run, inputs=[color, scale, steps, seed], outputs=[image, summary])
+        button.click(run, inputs=[model, color, scale, steps, seed], outputs=[image, summary])
     return demo
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="shapes-32", help="shipped model name or pipeline folder")
+    parser.add_argument("--model", default="photos-32", help="shipped model name or pipeline folder, selected first")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--batch_size", type=int, default=4)
     args = parser.parse_args()
-    unet, scheduler = load_model(args.model)
-    build_demo(unet, scheduler, batch_size=args.batch_size).launch(server_name="127.0.0.1", server_port=args.port)
+    names = available_models()
+    models = {name: load_model(name) for name in dict.fromkeys([args.model, *names])}
+    demo = build_demo(*models[args.model], batch_size=args.batch_size, models=models)
+    demo.launch(server_name="127.0.0.1", server_port=args.port)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,18 @@
-"""Colour guidance on the shipped base model: a grid over guidance scales and both gradient modes, and a
-table of the mean absolute distance of the final images to the target colour (same seeds everywhere).
+"""Colour guidance on a shipped base model: a grid over guidance scales and both gradient modes, and a
+table of what guidance does to the images (same seeds everywhere):
 
-    python examples/guidance.py                                   # shapes-32, scales 0 10 20 40 80
+- colour: the mean absolute distance of the final images to the target colour (lower: more of the colour);
+- content: the Pearson correlation of each guided image's luminance with the unguided image's from the
+  same seed, averaged (1: the same picture, recoloured; near 0: the content is gone).
+
+The recommended scale is the largest one whose content correlation stays >= --min_content: the most colour
+that keeps the picture.
+
+    python examples/guidance.py                                   # photos-32, scales 0 2 5 10 20 40
     python examples/guidance.py --target "#55FFAA" --model path/to/pipeline --steps 40
 
-Writes to --output_dir: grid_cheap.png and grid_through_unet.png (one row per scale, the same starting
-noise in every row), results.json and results.md.
+Writes to --output_dir: grid_cheap.png and grid_through_unet.png (one labelled row per scale, the same
+starting noise in every row), results.json and results.md.
 """
 from __future__ import annotations
 
@@ -23,16 +30,16 @@ import minidiff
 from minidiff.files import write_json
 from minidiff.sampling.guidance import ColorGuidance, color_loss, parse_color
 from minidiff.io import pretrained
-from minidiff.training.log import save_sample_grid
 
 MODES = {"cheap": False, "through_unet": True}
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="shapes-32", help="shipped model name or pipeline folder")
+    p.add_argument("--model", default="photos-32", help="shipped model name or pipeline folder")
     p.add_argument("--target", default="0.1,0.9,0.5", help="'R,G,B' in [0, 1] or a hex colour")
-    p.add_argument("--scales", type=float, nargs="+", default=[0, 10, 20, 40, 80])
+    p.add_argument("--scales", type=float, nargs="+", default=[0, 2, 5, 10, 20, 40])
+    p.add_argument("--min_content", type=float, default=0.8, help="content correlation the recommended scale keeps")
     p.add_argument("--schedule", default="none", help="gradient schedule (minidiff.sampling.guidance.SCHEDULES)")
     p.add_argument("--steps", type=int, default=40, help="DDIM steps (the course's 40)")
     p.add_argument("--batch_size", type=int, default=8)
@@ -51,11 +58,37 @@ def run(unet, scheduler, guide: ColorGuidance | None, through_unet: bool, args) 
     return (x.float().cpu() / 2 + 0.5).clamp(0, 1), time.perf_counter() - start
 
 
+def content_correlation(images: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean over images of the Pearson correlation of the luminance of (B, 3, H, W) ``images`` with ``reference``."""
+    weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    a, b = ((x * weights).sum(1).flatten(1) for x in (images, reference))
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    return ((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp(min=1e-8)).mean().item()
+
+
+def labelled_grid(rows: list[torch.Tensor], labels: list[str], path: Path, zoom: int = 2) -> None:
+    """Save rows of (N, 3, H, W) images in [0, 1] as one PNG, each row's label written on its left."""
+    from PIL import Image, ImageDraw
+    from torchvision.transforms.v2.functional import to_pil_image
+    from torchvision.utils import make_grid
+
+    grid = make_grid(torch.cat(rows), nrow=len(rows[0]), padding=2, pad_value=1.0)
+    grid = torch.nn.functional.interpolate(grid[None], scale_factor=zoom, mode="nearest")[0]
+    image, margin = to_pil_image(grid), 130
+    canvas = Image.new("RGB", (image.width + margin, image.height), "white")
+    canvas.paste(image, (margin, 0))
+    draw, row_height = ImageDraw.Draw(canvas), image.height / len(rows)
+    for i, label in enumerate(labels):
+        draw.text((6, int((i + 0.5) * row_height) - 6), label, fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
 def markdown(rows: list[dict]) -> str:
-    lines = ["| mode | scale | mean abs. distance to target | ratio to unguided | seconds |",
-             "|---|---:|---:|---:|---:|"]
-    lines += [f"| {r['mode']} | {r['scale']:g} | {r['distance']:.4f} | {r['ratio']:.3f} | {r['seconds']:.1f} |"
-              for r in rows]
+    lines = ["| mode | scale | mean abs. distance to target | ratio to unguided | content (luminance corr.) | seconds |",
+             "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['mode']} | {r['scale']:g} | {r['distance']:.4f} | {r['ratio']:.3f} | {r['content']:.3f} "
+              f"| {r['seconds']:.1f} |" for r in rows]
     return "\n".join(lines)
 
 
@@ -79,18 +112,24 @@ def main() -> None:
                 guide = ColorGuidance(color, scale=scale, schedule=args.schedule)
                 images, took = run(unet, scheduler, guide, through_unet, args)
             distance = (color_loss(images * 2 - 1, color) / 2).mean().item()
+            content = content_correlation(images, baseline)
             rows.append({"mode": mode, "scale": scale, "distance": distance, "ratio": distance / unguided,
-                         "seconds": took})
+                         "content": content, "seconds": took})
             grid.append(images)
-            print(f"{mode:>12} scale {scale:>5g}: distance {distance:.4f} ({distance / unguided:.3f} of unguided)")
-        save_sample_grid(torch.cat(grid), out / f"grid_{mode}.png", nrow=args.batch_size)
+            print(f"{mode:>12} scale {scale:>5g}: distance {distance:.4f} ({distance / unguided:.3f} of unguided), "
+                  f"content {content:.3f}")
+        labelled_grid(grid, [f"{mode}, scale {scale:g}" for scale in args.scales], out / f"grid_{mode}.png")
 
+    kept = [r["scale"] for r in rows if r["mode"] == "cheap" and r["content"] >= args.min_content]
+    recommended = max(kept, default=0.0)
     settings = {k: v for k, v in vars(args).items() if k != "output_dir"} | {"target_rgb": color}
-    write_json(out / "results.json", {"settings": settings, "results": rows})
+    write_json(out / "results.json", {"settings": settings, "results": rows, "recommended_scale": recommended})
     table = markdown(rows)
     (out / "results.md").write_text(f"Colour guidance towards {color} on {args.model}, {args.steps} DDIM steps, "
-                                    f"{args.batch_size} images, seed {args.seed}\n\n{table}\n")
+                                    f"{args.batch_size} images, seed {args.seed}\n\n{table}\n\nRecommended scale "
+                                    f"(cheap mode, content >= {args.min_content}): {recommended:g}\n")
     print(table)
+    print(f"recommended scale (the largest whose content correlation is >= {args.min_content}): {recommended:g}")
 
 
 if __name__ == "__main__":

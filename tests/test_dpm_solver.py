@@ -12,7 +12,9 @@ import minidiff
 from minidiff.io import load_scheduler, pretrained_path
 from minidiff.schedulers import DPMSolverMultistepScheduler, MultistepOutput
 
-TIGHT = dict(rtol=1e-5, atol=1e-5)  # the same float32 arithmetic, summed in another order, over up to 16 steps
+# minidiff takes the solver's coefficients in float64 where diffusers has float32: differences of a few float32
+# ulps of the largest term, which the stand-in model below makes up to ~100 at the noisiest steps
+RTOL, ATOL = 1e-5, 1e-5
 
 
 def theirs(**config) -> diffusers.DPMSolverMultistepScheduler:
@@ -63,8 +65,9 @@ def assert_same_run(config: dict, steps=(5, 16), out_channels: int = 3) -> None:
         expected_ts, expected = run_theirs(config, n, start(), out_channels)
         got_ts, got = run_ours(config, n, start(), out_channels)
         assert torch.equal(got_ts, expected_ts), n
+        scale = max(1.0, *(b.abs().max().item() for b in expected))
         for i, (a, b) in enumerate(zip(got, expected)):
-            assert_close(a, b, **TIGHT, msg=f"step {i} of {n}")
+            assert_close(a, b, rtol=RTOL, atol=ATOL * scale, msg=f"step {i} of {n}")
 
 
 GRID = [(algorithm, order) for algorithm in ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver")

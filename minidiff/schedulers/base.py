@@ -165,6 +165,8 @@ def split_learned_variance(model_output: Tensor, sample: Tensor,
 def dynamic_threshold(x0: Tensor, ratio: float, max_value: float) -> Tensor:
     """Saharia et al. 2022 (Imagen): s = the ``ratio`` quantile of |x0| per sample, clamped to
     [1, max_value]; x0 -> clamp(x0, -s, s) / s. Computed in float32 at least."""
+    if max_value == 1.0:  # s = 1 whatever the quantile: a plain clamp, without the per-sample sort
+        return x0.clamp(-1.0, 1.0)
     flat = x0.reshape(x0.shape[0], -1)
     flat = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
     s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)

@@ -1,7 +1,7 @@
 """DPM-Solver and DPM-Solver++ multistep (Lu et al. 2022a, 2022b): ODE/SDE solvers that need few model calls.
 
 In the half log-SNR lambda = log(alpha / sigma) (x_t = alpha_t x0 + sigma_t eps) the probability-flow ODE has
-the exact solution (2022b eq. 9 for the data prediction x0, 2022a eq. 3.4 for the noise prediction eps)
+the exact solution (2022a eq. 3.4 for the noise prediction eps; 2022b sec. 4 for the data prediction x0)
 
     x_t = sigma_t / sigma_s x_s + sigma_t int_{lambda_s}^{lambda_t} e^lambda x0(lambda) dlambda         (dpmsolver++)
     x_t = alpha_t / alpha_s x_s - alpha_t int_{lambda_s}^{lambda_t} e^-lambda eps(lambda) dlambda      (dpmsolver)
@@ -14,7 +14,8 @@ outputs at earlier steps (the multistep history), integrates exactly. With h = l
 
 with (ratio, scale, g) = (sigma_t / sigma_s, alpha_t, -h) for dpmsolver++ and (alpha_t / alpha_s, sigma_t, h)
 for dpmsolver. D0 is the newest output, D1 ~ h d/dlambda and D2 ~ h^2 d2/dlambda2 its divided differences
-(2022a Alg. 4/5 (multistep); the order-2 "midpoint" form uses psi0 / 2 in place of psi1, 2022b Alg. 2).
+over the earlier steps (the multistep methods of 2022b; its Alg. 2, DPM-Solver++(2M), is the order-2 "midpoint"
+form, with psi0 / 2 in place of psi1).
 The SDE variants (2022b sec. 5) integrate the reverse SDE the same way: sde-dpmsolver++ has
 ratio = sigma_t / sigma_s e^-h and g = -2h, sde-dpmsolver scale = 2 sigma_t, plus fresh noise.
 
@@ -73,10 +74,27 @@ class DPMSolverMultistepSchedulerConfig(SchedulerConfig):
                              "(the papers' SDE solvers), got 3")
 
 
-def _psi(g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _psi(g: float) -> tuple[float, float, float]:
     """psi0, psi1, psi2 of the module docstring: the integrals of e^(g u) u^k / k! over [0, 1], in closed form."""
-    psi0 = torch.exp(g) - 1.0
+    psi0 = math.exp(g) - 1.0
     return psi0, psi0 / g - 1.0, (psi0 - g) / g ** 2 - 0.5
+
+
+def _weights(lambdas: list[float], h: float, psi: tuple[float, float, float], midpoint: bool) -> list[float]:
+    """w with psi0 D0 + psi1 D1 + psi2 D2 = sum_k w_k m_k for the outputs m_k at lambdas[k] (newest first):
+    D0 = m0; D1 = (m0 - m1) / r0 (order 2); order 3: D1 = d0 + r0 / (r0 + r1) (d0 - d1),
+    D2 = (d0 - d1) / (r0 + r1) with d0 = (m0 - m1) / r0, d1 = (m1 - m2) / r1 (r_k = h_k / h)."""
+    psi0, psi1, psi2 = psi
+    if len(lambdas) == 1:
+        return [psi0]
+    r0 = (lambdas[0] - lambdas[1]) / h
+    if len(lambdas) == 2:
+        c1 = 0.5 * psi0 if midpoint else psi1
+        return [psi0 + c1 / r0, -c1 / r0]
+    r1 = (lambdas[1] - lambdas[2]) / h
+    k = 1.0 / (r0 + r1)
+    a, b = psi1 * (1.0 + r0 * k) + psi2 * k, -(psi1 * r0 + psi2) * k   # the weights of d0 and d1
+    return [psi0 + a / r0, -a / r0 + b / r1, -b / r1]
 
 
 class DPMSolverMultistepScheduler(Scheduler):
@@ -90,7 +108,14 @@ class DPMSolverMultistepScheduler(Scheduler):
             alphas_cumprod[-1] = 2.0 ** -24
             self._alphas_cumprod = alphas_cumprod
         alpha_bar = self._alphas_cumprod
-        self._sigmas = ((1 - alpha_bar) / alpha_bar) ** 0.5  # the noise level of x_t / alpha_t, float32
+        s = ((1 - alpha_bar) / alpha_bar) ** 0.5  # the noise level of x_t / alpha_t, float32, as diffusers has it
+        # alpha = 1 / sqrt(s^2 + 1), sigma = s alpha, lambda = log(alpha / sigma) of every timestep, then (index -1)
+        # of the level after the last step: s = 0 (lambda = inf) or s_0 (final_sigmas_type)
+        s = torch.cat([s, s[:1] if self._config.final_sigmas_type == "sigma_min" else torch.zeros(1)])
+        alpha = 1 / (s ** 2 + 1) ** 0.5
+        self._alpha, self._sigma = alpha, s * alpha
+        self._levels = list(zip(alpha.tolist(), self._sigma.tolist(),
+                                (torch.log(alpha) - torch.log(self._sigma)).tolist()))
         # the timesteps whose lambda = log(alpha / sigma) is at least lambda_min_clipped: 0 .. last - 1
         lambdas = torch.log(alpha_bar ** 0.5) - torch.log((1 - alpha_bar) ** 0.5)
         clipped = int(torch.searchsorted(lambdas.flip(0), self._config.lambda_min_clipped))
@@ -126,18 +151,9 @@ class DPMSolverMultistepScheduler(Scheduler):
         return ts[i + 1] if i + 1 < len(ts) else -1
 
     def _alpha_sigma(self, t: int) -> tuple[Tensor, Tensor]:
-        """alpha_t = 1 / sqrt(s^2 + 1), sigma_t = s alpha_t from s = sqrt((1 - alpha_bar_t) / alpha_bar_t) as
-        diffusers computes them; t = -1 is the level after the last step (s = 0 or s_0, final_sigmas_type)."""
-        if t >= 0:
-            s = self._sigmas[t]
-        else:
-            s = self._sigmas[0] if self._config.final_sigmas_type == "sigma_min" else torch.tensor(0.0)
-        alpha = 1 / (s ** 2 + 1) ** 0.5
-        return alpha, s * alpha
-
-    def _lambda(self, t: int) -> Tensor:
-        alpha, sigma = self._alpha_sigma(t)
-        return torch.log(alpha) - torch.log(sigma)
+        """alpha_t, sigma_t (float32) as diffusers computes them from s = sqrt((1 - alpha_bar_t) / alpha_bar_t);
+        t = -1 is the level after the last step."""
+        return self._alpha[t], self._sigma[t]
 
     def _solver_input(self, model_output: Tensor, t: int, sample: Tensor) -> tuple[Tensor, Tensor]:
         """(what the solver integrates: x0 for the ++ types, eps otherwise; the predicted x0), thresholded
@@ -173,38 +189,28 @@ class DPMSolverMultistepScheduler(Scheduler):
         return MultistepOutput(prev.to(model_output.dtype), x0, keep)
 
     def _combine(self, entries: History, prev_t: int, x: Tensor, noise: Tensor | None) -> Tensor:
-        """x_{prev_t} from x at the newest entry's timestep and the entries' outputs (module docstring)."""
-        (t, m0), cfg = entries[-1], self._config
-        lambda_s, lambda_t = self._lambda(t), self._lambda(prev_t)
-        h = lambda_t - lambda_s
-        (alpha_s, sigma_s), (alpha_t, sigma_t) = self._alpha_sigma(t), self._alpha_sigma(prev_t)
-        kind = cfg.algorithm_type
+        """x_{prev_t} = ratio x - scale sum_k w_k m_k (+ noise) from x at the newest entry's timestep and the
+        entries' outputs m_k (module docstring), the coefficients in float64, one pass over x per output."""
+        (t, _), cfg = entries[-1], self._config
+        (alpha_s, sigma_s, lambda_s), (alpha_t, sigma_t, lambda_t) = self._levels[t], self._levels[prev_t]
+        h, kind = lambda_t - lambda_s, cfg.algorithm_type
         if kind == "dpmsolver++":
             ratio, scale, g = sigma_t / sigma_s, alpha_t, -h
         elif kind == "dpmsolver":
             ratio, scale, g = alpha_t / alpha_s, sigma_t, h
         elif kind == "sde-dpmsolver++":
-            ratio, scale, g = sigma_t / sigma_s * torch.exp(-h), alpha_t, -2.0 * h
+            ratio, scale, g = sigma_t / sigma_s * math.exp(-h), alpha_t, -2.0 * h
         else:
             ratio, scale, g = alpha_t / alpha_s, 2.0 * sigma_t, h
-        psi0, psi1, psi2 = _psi(g)
-        prev = ratio * x - (scale * psi0) * m0
-        if len(entries) == 2:
-            (t1, m1), = entries[:1]
-            r0 = (lambda_s - self._lambda(t1)) / h
-            d1 = (1.0 / r0) * (m0 - m1)
-            prev = prev - ((0.5 * (scale * psi0)) if cfg.solver_type == "midpoint" else (scale * psi1)) * d1
-        elif len(entries) == 3:
-            (t2, m2), (t1, m1) = entries[:2]
-            lambda_1 = self._lambda(t1)
-            r0, r1 = (lambda_s - lambda_1) / h, (lambda_1 - self._lambda(t2)) / h
-            d1_0, d1_1 = (1.0 / r0) * (m0 - m1), (1.0 / r1) * (m1 - m2)
-            d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
-            d2 = (1.0 / (r0 + r1)) * (d1_0 - d1_1)
-            prev = prev - (scale * psi1) * d1 - (scale * psi2) * d2
+        psi = _psi(g)
+        newest_first = entries[::-1]
+        weights = _weights([self._levels[t_k][2] for t_k, _ in newest_first], h, psi, cfg.solver_type == "midpoint")
+        prev = x * ratio
+        for w, (_, m) in zip(weights, newest_first):
+            prev.add_(m, alpha=-scale * w)
         if noise is not None:
-            noise_std = sigma_t * (-psi0 if kind == "sde-dpmsolver++" else torch.exp(2.0 * h) - 1.0) ** 0.5
-            prev = prev + noise_std * noise.float()
+            noise_std = sigma_t * (-psi[0] if kind == "sde-dpmsolver++" else math.exp(2.0 * h) - 1.0) ** 0.5
+            prev.add_(noise.float(), alpha=noise_std)
         return prev
 
     def _order(self, index: int, num_steps: int, history_length: int) -> int:
