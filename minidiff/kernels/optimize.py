@@ -22,7 +22,8 @@ A minidiff model runs pure PyTorch by default and builds nothing. ``optimize`` c
 The C++ kernels are compiled when ``optimize`` is called (once per CPU, then cached; it says so on stderr).
 Parameter names, values and state_dict keys are unchanged, so saving, loading, EMA and optimizers behave as
 before; outputs equal the plain model's to float tolerance. ``restore(unet)`` undoes it. What each option
-gains is measured by benchmarks/unet_vs_diffusers.py and benchmarks/ops.py (numbers in the README).
+gains is measured by benchmarks/unet_vs_diffusers.py, benchmarks/ops.py and (``dtype``) benchmarks/precision.py
+(numbers in the README).
 """
 from __future__ import annotations
 
