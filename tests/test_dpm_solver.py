@@ -92,6 +92,7 @@ def test_sampling_run_matches_diffusers(algorithm, order, solver_type, predictio
     dict(euler_at_final=True, final_sigmas_type="sigma_min", solver_order=3),
     dict(final_sigmas_type="sigma_min", algorithm_type="sde-dpmsolver++"),
     dict(thresholding=True, sample_max_value=2.0, solver_order=3),
+    dict(thresholding=True, sample_max_value=1.0, timestep_spacing="trailing"),   # s = 1: a plain clamp
     dict(thresholding=True, sample_max_value=1.5, algorithm_type="dpmsolver", final_sigmas_type="sigma_min"),
     dict(beta_schedule="squaredcos_cap_v2", lambda_min_clipped=-5.1, timestep_spacing="trailing"),
     dict(beta_schedule="squaredcos_cap_v2", lambda_min_clipped=-3.0),
@@ -100,7 +101,7 @@ def test_sampling_run_matches_diffusers(algorithm, order, solver_type, predictio
     dict(timestep_spacing="leading", steps_offset=1, solver_type="heun"),
     dict(num_train_timesteps=100, trained_betas=torch.linspace(0.001, 0.1, 100).tolist(), solver_order=3),
 ], ids=["no-lower-final", "order3-no-lower-final-sigmamin", "euler-final", "sde-sigmamin", "threshold",
-        "threshold-dpmsolver", "cos-lambda-clip-trailing", "cos-lambda-clip", "zero-snr-v", "offset-heun",
+        "clip-by-threshold", "threshold-dpmsolver", "cos-lambda-clip-trailing", "cos-lambda-clip", "zero-snr-v", "offset-heun",
         "trained-betas"])
 def test_options_match_diffusers(config):
     assert_same_run(config)

@@ -95,8 +95,9 @@ def invert(unet: nn.Module, scheduler: Scheduler, images: Tensor, num_inference_
     first timestep of ``timesteps(num_inference_steps)``, from which ``sample(unet, ddim, noise=latents,
     num_inference_steps=...)`` reconstructs them. Each step is ``DDIMScheduler.invert_step`` (equal to
     diffusers' DDIMInverseScheduler for the same config); a scheduler of another class is converted with
-    ``DDIMScheduler.from_config``. Conditioning and classifier-free guidance as in ``minidiff.sample``;
-    ``callback(i, t, x, out)`` observes each step."""
+    ``DDIMScheduler.from_config``. Clipping x0 (clip_sample) makes the inverse steps lossy: a config with
+    clip_sample=False reconstructs more faithfully (benchmarks/samplers.py measures both). Conditioning and
+    classifier-free guidance as in ``minidiff.sample``; ``callback(i, t, x, out)`` observes each step."""
     ddim = scheduler if isinstance(scheduler, DDIMScheduler) else DDIMScheduler.from_config(scheduler.config)
     param = next(unet.parameters())
     x = check_images(images, unet.config.in_channels, "images").to(device=param.device, dtype=param.dtype)
