@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(PY) examples/finetune.py --overwrite
 
 benchmarks: $(STAMP)
-	$(PY) benchmarks/ddpm_vs_ddim.py
+	$(PY) benchmarks/samplers.py
 	$(PY) benchmarks/unet_vs_diffusers.py
 	$(PY) benchmarks/ops.py
 	$(PY) benchmarks/training.py

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from minidiff import DDPMScheduler, load_scheduler, load_unet
+from minidiff import DDPMScheduler, UNet, load_scheduler, load_unet
 from minidiff.data import load_dataset
 from minidiff.files import write_json
 from minidiff.io import list_pretrained, pretrained
@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataset", default="faces", help="an embedded dataset (faces, photos, textures, digits, "
                                                       "shapes, stripes) or an image folder")
     p.add_argument("--image_size", type=int, default=32)
+    p.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                   help="image channels to train on; default: 1 for faces (an RGB model is turned grayscale), "
+                        "else the model's")
     p.add_argument("--batch_size", type=int, default=16, help="global batch per micro-step, all processes")
     p.add_argument("--grad_accumulation_steps", type=int, default=1)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -88,6 +91,24 @@ def load_start_model(name_or_path: str):
         return unet, DDPMScheduler()
 
 
+def to_channels(unet: UNet, channels: int) -> UNet:
+    """The model for ``channels``-channel images: an RGB model turned grayscale (``channels=1``) takes the
+    gray image where it took three equal channels (conv_in's weights summed over RGB) and predicts the mean
+    of its three outputs (conv_out averaged), as one adapts an RGB network to grayscale. Fine-tuning then
+    learns faces, not how to stop drawing colour."""
+    if unet.config.in_channels == channels:
+        return unet
+    if (unet.config.in_channels, unet.config.out_channels, channels) != (3, 3, 1) or unet.config.extra_input_channels:
+        raise SystemExit(f"cannot turn a {unet.config.in_channels}-channel model into a {channels}-channel one")
+    state = unet.state_dict()
+    state["conv_in.weight"] = state["conv_in.weight"].sum(1, keepdim=True)
+    state["conv_out.weight"] = state["conv_out.weight"].mean(0, keepdim=True)
+    state["conv_out.bias"] = state["conv_out.bias"].mean(0, keepdim=True)
+    gray = UNet(unet.config.replace(in_channels=1, out_channels=1))
+    gray.load_state_dict(state)
+    return gray
+
+
 def load_images(name: str, image_size: int, channels: int, split: str = "train"):
     """The images to fine-tune on (``split="train"``) or to compare with (``"test"``): a named dataset in
     the model's number of channels (faces mirrored at random) or an image folder."""
@@ -108,13 +129,13 @@ def stack(dataset, n: int | None = None) -> Tensor:
 # ------------------------------------------------------------------------------------------ measures
 class Measures:
     """What ``before`` and ``after`` report: the judge's face share and memorisation (faces only), and the
-    Fréchet distance of image statistics (RGB models) to the training images."""
+    Fréchet distance of image statistics to the training images."""
 
     def __init__(self, args: argparse.Namespace, channels: int):
         self.args, self.faces = args, args.dataset == "faces"
         train = load_images(args.dataset, args.image_size, channels)
         self.train_images = stack(train, None if self.faces else 512)
-        self.statistics = image_statistics(self.train_images / 2 + 0.5) if channels == 3 else None
+        self.statistics = image_statistics(rgb(self.train_images / 2 + 0.5))
         if self.faces:
             self.held_out = stack(load_images(args.dataset, args.image_size, channels, split="test"))
             self.judge = Judge.for_dataset("faces", args.image_size, seed=args.seed)
@@ -126,8 +147,7 @@ class Measures:
                                      seed=a.seed)  # (B, C, H, W) in [0, 1]
         save_sample_grid(samples, Path(a.output_dir) / f"{name}.png", nrow=8)
         out = {"samples": len(samples), "mean_rgb": [round(v, 3) for v in samples.mean((0, 2, 3)).tolist()]}
-        if self.statistics is not None:
-            out["frechet_statistics_to_train"] = frechet_distance(image_statistics(samples), self.statistics)
+        out["frechet_statistics_to_train"] = frechet_distance(image_statistics(rgb(samples)), self.statistics)
         if self.faces:
             gray = luma(samples * 2 - 1)
             out["face_share"] = self.judge.predict(gray).float().mean().item()  # class 1 is "face"
@@ -136,6 +156,11 @@ class Measures:
                                    "median_sample_distance": median(report.sample_distances),
                                    "median_held_out_distance": median(report.held_out_distances)}
         return out
+
+
+def rgb(images: Tensor) -> Tensor:
+    """(B, 3, H, W): gray images repeated on three channels, colour ones as they are."""
+    return images.expand(-1, 3, -1, -1)
 
 
 def luma(images: Tensor) -> Tensor:
@@ -160,9 +185,8 @@ def summary(results: dict) -> str:
                     f"near-copy: nearer a training face than {mem_a['threshold']:.3f}, the nearest any held-out "
                     f"face comes (median held-out {mem_a['median_held_out_distance']:.3f}, "
                     f"median sample after {mem_a['median_sample_distance']:.3f})")
-    if "frechet_statistics_to_train" in before:
-        rows.append(f"{'Fréchet (statistics)':<20}{before['frechet_statistics_to_train']:>10.4f}"
-                    f"{after['frechet_statistics_to_train']:>10.4f}   to the training images, lower is closer")
+    rows.append(f"{'Fréchet (statistics)':<20}{before['frechet_statistics_to_train']:>10.4f}"
+                f"{after['frechet_statistics_to_train']:>10.4f}   to the training images, lower is closer")
     return "\n".join(rows)
 
 
@@ -173,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     unet, scheduler = load_start_model(args.start_model)
     unet.config = unet.config.replace(sample_size=args.image_size)  # sample "before" at the trained size
-    dataset = load_images(args.dataset, args.image_size, unet.config.in_channels)
+    channels = args.channels or (1 if args.dataset == "faces" else unet.config.in_channels)
+    unet = to_channels(unet, channels)
+    dataset = load_images(args.dataset, args.image_size, channels)
     config = TrainConfig(
         output_dir=args.output_dir, seed=args.seed, batch_size=args.batch_size,
         grad_accumulation_steps=args.grad_accumulation_steps, num_epochs=args.num_epochs,
@@ -189,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err} (flags: --resume, --overwrite, --output_dir)", file=sys.stderr)
         return 2
     if trainer.rank == 0:
-        measures = Measures(args, unet.config.in_channels)
+        measures = Measures(args, channels)
         before = measures(start_unet, scheduler, "before")
     del start_unet
 

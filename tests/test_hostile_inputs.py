@@ -94,3 +94,61 @@ def test_a_learned_time_embedding_takes_whole_steps_in_range():
         for bad in (2.5, -1, 10):
             with pytest.raises(ValueError, match=r"learned time embedding takes integers in \[0, 9\]"):
                 unet(x, bad)
+
+
+# ------------------------------------------------------------------------------------ schedulers and sampling
+@pytest.mark.parametrize("scheduler", [minidiff.DDPMScheduler(), minidiff.DDIMScheduler()])
+@pytest.mark.parametrize("bad", [-1, 1000, 2.5])
+def test_timesteps_outside_the_schedule_are_refused(scheduler, bad):
+    x = torch.zeros(1, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"timestep .*(outside \[0, 999\]|whole training steps)"):
+        scheduler.add_noise(x, x, torch.tensor([bad]))
+    with pytest.raises(ValueError, match=r"timestep .*(outside \[0, 999\]|whole training steps)"):
+        scheduler.predict_x0(x, bad, x)
+
+
+def test_ddim_step_refuses_a_negative_timestep_and_bad_eta():
+    ddim, x = minidiff.DDIMScheduler(), torch.zeros(1, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"timestep .*outside \[0, 999\]"):
+        ddim.step(x, -20, x, num_inference_steps=50)
+    for eta in (5.0, -1.0):
+        with pytest.raises(ValueError, match=rf"eta={eta} must be in \[0, 1\]"):
+            ddim.step(x, 500, x, num_inference_steps=50, eta=eta, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("scheduler", [minidiff.DDPMScheduler(), minidiff.DDIMScheduler()])
+def test_step_noise_of_another_batch_size_is_refused(scheduler):
+    x = torch.zeros(2, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"noise has shape \(5, 3, 4, 4\); the step needs the sample's \(2, 3, 4, 4\)"):
+        scheduler.step(x, 500, x, num_inference_steps=50, noise=torch.zeros(5, 3, 4, 4), **(
+            {"eta": 1.0} if isinstance(scheduler, minidiff.DDIMScheduler) else {}))
+
+
+def test_sampling_arguments_are_checked(unet):
+    sched = minidiff.DDIMScheduler()
+    kwargs = dict(num_inference_steps=2, progress=False)
+    with pytest.raises(ValueError, match=r"guidance_scale=inf must be a finite number"):
+        minidiff.sample(unet, sched, guidance_scale=math.inf, **kwargs)
+    with pytest.raises(TypeError, match=r"guides must be a list of guides, got ColorGuidance; pass guides=\[guide\]"):
+        minidiff.sample(unet, sched, guides=minidiff.ColorGuidance("#ff0000", scale=1), **kwargs)
+    detached = minidiff.LossGuide(lambda x0: x0.detach().mean(dim=(1, 2, 3)), scale=1)
+    with pytest.raises(ValueError, match="does not depend on x0 differentiably"):
+        minidiff.sample(unet, sched, guides=[detached], **kwargs)
+    rounded = minidiff.LossGuide(lambda x0: (x0 > 0).sum(dim=(1, 2, 3)), scale=1)
+    with pytest.raises(ValueError, match="of integers that does not depend on x0"):
+        minidiff.sample(unet, sched, guides=[rounded], **kwargs)
+
+
+def test_a_non_finite_result_is_an_error_not_an_image():
+    broken = minidiff.UNet.from_config(TINY).eval()
+    with torch.no_grad():
+        broken.conv_out.bias[0] = math.nan
+    with pytest.raises(FloatingPointError, match=r"sample: 192 of 192 values of the result are NaN or inf"):
+        minidiff.sample(broken, minidiff.DDPMScheduler(clip_sample=False), num_inference_steps=2, progress=False)
+
+
+def test_an_out_of_range_null_class_label_is_named():
+    cond = minidiff.UNet.from_config({**TINY, "num_class_embeds": 4}).eval()
+    with pytest.raises(ValueError, match=r"null_class_label=7 must be an int in \[0, 3\]"):
+        minidiff.sample(cond, minidiff.DDIMScheduler(), num_inference_steps=2, class_labels=torch.tensor([1]),
+                        guidance_scale=2.0, null_class_label=7, progress=False)

@@ -188,8 +188,8 @@ def _time_dtype(unet: nn.Module, state: dict[str, Any], args: tuple, kwargs: dic
     faster = _fastest({None: functools.partial(run, None), dtype: functools.partial(run, dtype)},
                       runs=DTYPE_TIMING_RUNS)
     if faster is None:
-        _say_once(f"minidiff.optimize: {dtype} measured slower than float32 on this CPU (e.g. avx512_bf16 without "
-                  "AMX tiles); the model keeps float32 where so (benchmarks/precision.py compares them)")
+        _say_once(f"minidiff.optimize: {dtype} measured slower than float32 for this model on this CPU (as on CPUs "
+                  "without AMX tiles); it keeps float32 for such calls (benchmarks/precision.py compares them)")
     return faster
 
 

@@ -24,7 +24,14 @@ def _null_conditioning(unet: nn.Module, conditioning: dict[str, Tensor], null_cl
     null = {}
     if "class_labels" in conditioning:
         labels = conditioning["class_labels"]
-        label = unet.config.num_class_embeds - 1 if null_class_label is None else null_class_label
+        n = unet.config.num_class_embeds
+        if n is None and null_class_label is None:
+            raise ValueError("classifier-free guidance with class labels needs null_class_label: this UNet has no "
+                             "class embedding table whose last row would be the null class")
+        label = n - 1 if null_class_label is None else null_class_label
+        if isinstance(label, bool) or not isinstance(label, int) or n is not None and not 0 <= label < n:
+            raise ValueError(f"null_class_label={label!r} must be an int in [0, {n - 1}] (the class embedding "
+                             f"has {n} rows; minidiff's label dropout trains the last)")
         null["class_labels"] = torch.full_like(labels, label)
     if "encoder_hidden_states" in conditioning:
         context = conditioning["encoder_hidden_states"]

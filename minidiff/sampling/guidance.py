@@ -142,6 +142,10 @@ def _total_loss(guides: Sequence[Guide], x0: Tensor, scheduler: Scheduler, t: Te
             shape = tuple(loss.shape) if torch.is_tensor(loss) else type(loss).__name__
             raise ValueError(f"{guide!r}.loss(x0) returned {shape}; it must return one loss per sample, "
                              f"shape ({x0.shape[0]},)")
+        if not loss.is_floating_point() or (x0.requires_grad and not loss.requires_grad):
+            raise ValueError(f"{guide!r}.loss(x0) returned a {loss.dtype} tensor "
+                             f"{'' if loss.is_floating_point() else 'of integers '}that does not depend on x0 "
+                             "differentiably (detached, rounded or computed outside autograd): it cannot guide")
         total = total + schedule_factor(guide.schedule, scheduler, t) * guide.scale * loss.sum()
     return total
 
@@ -172,6 +176,8 @@ def guided_predictor(denoise: Denoiser, scheduler: Scheduler, guides: Sequence[G
     about twice the memory). Either way ``model_output`` is the model's output at the unguided x_t, and
     guides with scale 0 are skipped, so they give exactly the unguided sample.
     """
+    if not isinstance(guides, (list, tuple)):
+        raise TypeError(f"guides must be a list of guides, got {type(guides).__name__}; pass guides=[guide]")
     for guide in guides:
         missing = [name for name in ("scale", "schedule", "clip_grad_norm", "loss") if not hasattr(guide, name)]
         if missing:

@@ -10,6 +10,7 @@ DDPMPipeline driving DPMSolverMultistepScheduler) for the same weights, schedule
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -92,6 +93,9 @@ def sample(unet: nn.Module, scheduler: Scheduler, *, batch_size: int | None = No
     [0, 1] picks the timestep to start from (img2img; 0 returns the images), ``mask`` (1 = generate,
     0 = keep) inpaints; the noise x_T (drawn or given) noises the images.
     """
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
+            or not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale={guidance_scale!r} must be a finite number (1: no guidance)")
     param = next(unet.parameters())
     shape = _shape(unet, batch_size, init_images)
     x = _initial_noise(shape, generator, noise, param.device, param.dtype)
@@ -124,4 +128,8 @@ def sample(unet: nn.Module, scheduler: Scheduler, *, batch_size: int | None = No
             if callback is not None:
                 callback(i, t, x, out)
             x = out.prev_sample
+    if not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).sum())
+        raise FloatingPointError(f"sample: {bad} of {x.numel()} values of the result are NaN or inf (a guide or "
+                                 f"guidance_scale={guidance_scale} too strong, or a model that outputs them)")
     return x

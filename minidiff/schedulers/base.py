@@ -270,9 +270,19 @@ class Scheduler:
         """(prediction, learned variance or None); the prediction must have the sample's shape."""
         return split_learned_variance(model_output, sample, getattr(self._config, "variance_type", None))
 
+    def check_timesteps(self, t: int | Tensor) -> Tensor:
+        """``t`` as a LongTensor after checking that every entry is a whole training step in [0, T - 1] (a
+        negative index would read alpha_bar from the end of the schedule)."""
+        tensor = torch.as_tensor(t)
+        if tensor.dtype == torch.bool or tensor.is_complex() or not (tensor == tensor.round()).all():
+            raise ValueError(f"timestep {t!r}: expected whole training steps")
+        if ((tensor < 0) | (tensor >= self.num_train_timesteps)).any():
+            raise ValueError(f"timestep {tensor.tolist()} is outside [0, {self.num_train_timesteps - 1}]")
+        return tensor.long()
+
     def _alpha_sigma(self, t: int) -> tuple[Tensor, Tensor]:
         """sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t): x_t = alpha x0 + sigma eps."""
-        a = self._alphas_cumprod[t]
+        a = self._alphas_cumprod[self.check_timesteps(t)]
         return a ** 0.5, (1 - a) ** 0.5
 
     def _x0_eps(self, model_output: Tensor, t: int, sample: Tensor) -> tuple[Tensor, Tensor]:
@@ -291,12 +301,12 @@ class Scheduler:
     def predict_x0(self, model_output: Tensor, t: int | Tensor, sample: Tensor) -> Tensor:
         """The predicted x0 at timestep ``t``, clipped or thresholded as the config says (what
         ``step(...).pred_original_sample`` returns); differentiable, for guidance."""
-        return self._clip(self._x0_eps(self._split(model_output, sample)[0], int(t), sample)[0])
+        return self._clip(self._x0_eps(self._split(model_output, sample)[0], int(self.check_timesteps(t)), sample)[0])
 
     def _forward_coefficients(self, t: Tensor | int, like: Tensor) -> tuple[Tensor, Tensor]:
         """sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t) in ``like``'s dtype/device, shaped to broadcast."""
         alpha_bar = self._alphas_cumprod.to(device=like.device, dtype=like.dtype)
-        a = alpha_bar[torch.as_tensor(t, device=like.device)].flatten()
+        a = alpha_bar[self.check_timesteps(t).to(like.device)].flatten()
         a = a.reshape(-1, *(1,) * (like.ndim - 1))
         return a ** 0.5, (1 - a) ** 0.5
 
@@ -321,6 +331,8 @@ class Scheduler:
         so the generator advances exactly as in diffusers."""
         if noise is not None and generator is not None:
             raise ValueError("pass either generator or noise to step(), not both")
+        if noise is not None and noise.shape != like.shape:
+            raise ValueError(f"noise has shape {tuple(noise.shape)}; the step needs the sample's {tuple(like.shape)}")
         if noise is not None or not needed:
             return noise
         return randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)

@@ -36,6 +36,8 @@ class DDIMScheduler(Scheduler):
         set_alpha_to_one is False) past the end. ``use_clipped_model_output`` recomputes eps from the
         clipped x0."""
         t, prev_t = int(t), int(prev_t)
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta={eta} must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise)")
         model_output, _ = self._split(model_output, sample)
         a_t, a_p = self._alphas_cumprod[t], self._alpha_bar(prev_t)
         x0, eps = self._x0_eps(model_output, t, sample)
