@@ -109,11 +109,11 @@ def to_channels(unet: UNet, channels: int) -> UNet:
     return gray
 
 
-def load_images(name: str, image_size: int, channels: int, split: str = "train"):
+def load_images(name: str, image_size: int, channels: int, split: str = "train", augment: bool = False):
     """The images to fine-tune on (``split="train"``) or to compare with (``"test"``): a named dataset in
-    the model's number of channels (faces mirrored at random) or an image folder."""
+    ``channels`` channels (``augment``: faces mirrored at random) or an image folder."""
     if name == "faces":
-        return load_dataset(name, image_size, channels=channels, split=split, augment=split == "train")
+        return load_dataset(name, image_size, channels=channels, split=split, augment=augment)
     if name in ("photos", "textures"):
         return load_dataset(name, image_size, channels=channels, split=split)
     return load_dataset(name, image_size)
@@ -146,7 +146,7 @@ class Measures:
         samples = fixed_seed_samples(unet, scheduler, num_images=a.eval_samples, num_inference_steps=a.eval_steps,
                                      seed=a.seed)  # (B, C, H, W) in [0, 1]
         save_sample_grid(samples, Path(a.output_dir) / f"{name}.png", nrow=8)
-        out = {"samples": len(samples), "mean_rgb": [round(v, 3) for v in samples.mean((0, 2, 3)).tolist()]}
+        out = {"samples": len(samples), "channel_means": [round(v, 3) for v in samples.mean((0, 2, 3)).tolist()]}
         out["frechet_statistics_to_train"] = frechet_distance(image_statistics(rgb(samples)), self.statistics)
         if self.faces:
             gray = luma(samples * 2 - 1)
@@ -197,9 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     unet, scheduler = load_start_model(args.start_model)
     unet.config = unet.config.replace(sample_size=args.image_size)  # sample "before" at the trained size
+    start_unet = copy.deepcopy(unet)  # "before" is the start model as it is; resuming loads into ``unet``
     channels = args.channels or (1 if args.dataset == "faces" else unet.config.in_channels)
     unet = to_channels(unet, channels)
-    dataset = load_images(args.dataset, args.image_size, channels)
+    dataset = load_images(args.dataset, args.image_size, channels, augment=True)
     config = TrainConfig(
         output_dir=args.output_dir, seed=args.seed, batch_size=args.batch_size,
         grad_accumulation_steps=args.grad_accumulation_steps, num_epochs=args.num_epochs,
@@ -208,7 +209,6 @@ def main(argv: list[str] | None = None) -> int:
         gradient_checkpointing=args.gradient_checkpointing, max_grad_norm=args.max_grad_norm or None,
         log_samples_every=args.log_samples_every, save_model_every=args.save_model_every, resume=args.resume,
         overwrite=args.overwrite, device=args.device)
-    start_unet = copy.deepcopy(unet)  # resuming loads the checkpoint into ``unet``
     try:
         trainer = Trainer(unet, scheduler, dataset, config)
     except FileExistsError as err:

@@ -50,15 +50,17 @@ def available_models(finetuned: str = FINETUNED_FACES) -> list[str]:
 
 def generate(unet: nn.Module, scheduler: minidiff.DDIMScheduler, color: str, scale: float, steps: int,
              seed: int, batch_size: int = 4, on_step: Callable[[int], None] | None = None) -> tuple[Any, float]:
-    """(PIL grid upscaled 4x, mean |image - colour|) of ``batch_size`` colour-guided samples."""
+    """(PIL grid upscaled 4x, mean |image - colour|) of ``batch_size`` colour-guided samples (of a
+    grayscale model: unguided, shown as gray)."""
     from torchvision.transforms.v2.functional import to_pil_image
     from torchvision.utils import make_grid
 
     guide = ColorGuidance(color, scale=float(scale))
+    rgb = unet.config.in_channels == 3  # a grayscale model (the fine-tuned faces) samples unguided
     x = minidiff.sample(unet, scheduler, batch_size=batch_size, num_inference_steps=int(steps),
-                        generator=torch.Generator().manual_seed(int(seed)), guides=[guide], progress=False,
-                        callback=None if on_step is None else lambda i, t, x, out: on_step(i + 1))
-    images = (x.float().cpu() / 2 + 0.5).clamp(0, 1)
+                        generator=torch.Generator().manual_seed(int(seed)), guides=[guide] if rgb else [],
+                        progress=False, callback=None if on_step is None else lambda i, t, x, out: on_step(i + 1))
+    images = (x.float().cpu() / 2 + 0.5).clamp(0, 1).expand(-1, 3, -1, -1)
     distance = color_loss(images * 2 - 1, guide.target).mean().item() / 2   # in [0, 1] pixel units
     grid = make_grid(images, nrow=min(batch_size, 4), padding=1, pad_value=1.0)
     grid = torch.nn.functional.interpolate(grid[None], scale_factor=4, mode="nearest")[0]

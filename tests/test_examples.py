@@ -5,6 +5,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 import minidiff
@@ -35,3 +36,13 @@ def test_class_conditioned_example_writes_model_grid_and_metrics(tmp_path, monke
     assert grid.startswith(b"\x89PNG")
     with torch.no_grad():
         assert unet(torch.zeros(1, 1, 8, 8), torch.tensor([5]), class_labels=torch.tensor([3])).shape == (1, 1, 8, 8)
+
+
+def test_editing_example_writes_grid_and_numbers(tmp_path):
+    pytest.importorskip("skimage")
+    out = tmp_path / "editing"
+    result = load_example("editing").main(["--model", "shapes-32", "--num_images", "2", "--inversion_steps", "3",
+                                           "--steps", "3", "--strengths", "0.5", "--output_dir", str(out)])
+    assert json.loads((out / "editing.json").read_text()) == result
+    assert (out / "editing.png").read_bytes().startswith(b"\x89PNG")
+    assert result["inpainting_kept_pixels_max_error"] == 0.0 and 0 <= result["inversion_rmse"] < 2
