@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from minidiff import DDPMScheduler, UNet, load_scheduler, load_unet
+from minidiff import DDPMScheduler, load_scheduler, load_unet
 from minidiff.data import load_dataset
 from minidiff.files import write_json
 from minidiff.io import list_pretrained, pretrained
@@ -51,9 +51,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataset", default="faces", help="an embedded dataset (faces, photos, textures, digits, "
                                                       "shapes, stripes) or an image folder")
     p.add_argument("--image_size", type=int, default=32)
-    p.add_argument("--channels", type=int, choices=(1, 3), default=None,
-                   help="image channels to train on; default: 1 for faces (an RGB model is turned grayscale), "
-                        "else the model's")
     p.add_argument("--batch_size", type=int, default=16, help="global batch per micro-step, all processes")
     p.add_argument("--grad_accumulation_steps", type=int, default=1)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -89,24 +86,6 @@ def load_start_model(name_or_path: str):
     except FileNotFoundError:
         print(f"{name_or_path}: no scheduler config; using DDPMScheduler() (1000 linear-beta steps)")
         return unet, DDPMScheduler()
-
-
-def to_channels(unet: UNet, channels: int) -> UNet:
-    """The model for ``channels``-channel images: an RGB model turned grayscale (``channels=1``) takes the
-    gray image where it took three equal channels (conv_in's weights summed over RGB) and predicts the mean
-    of its three outputs (conv_out averaged), as one adapts an RGB network to grayscale. Fine-tuning then
-    learns faces, not how to stop drawing colour."""
-    if unet.config.in_channels == channels:
-        return unet
-    if (unet.config.in_channels, unet.config.out_channels, channels) != (3, 3, 1) or unet.config.extra_input_channels:
-        raise SystemExit(f"cannot turn a {unet.config.in_channels}-channel model into a {channels}-channel one")
-    state = unet.state_dict()
-    state["conv_in.weight"] = state["conv_in.weight"].sum(1, keepdim=True)
-    state["conv_out.weight"] = state["conv_out.weight"].mean(0, keepdim=True)
-    state["conv_out.bias"] = state["conv_out.bias"].mean(0, keepdim=True)
-    gray = UNet(unet.config.replace(in_channels=1, out_channels=1))
-    gray.load_state_dict(state)
-    return gray
 
 
 def load_images(name: str, image_size: int, channels: int, split: str = "train", augment: bool = False):
@@ -197,9 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     unet, scheduler = load_start_model(args.start_model)
     unet.config = unet.config.replace(sample_size=args.image_size)  # sample "before" at the trained size
-    start_unet = copy.deepcopy(unet)  # "before" is the start model as it is; resuming loads into ``unet``
-    channels = args.channels or (1 if args.dataset == "faces" else unet.config.in_channels)
-    unet = to_channels(unet, channels)
+    start_unet = copy.deepcopy(unet)  # resuming loads the checkpoint into ``unet``
+    channels = unet.config.in_channels
     dataset = load_images(args.dataset, args.image_size, channels, augment=True)
     config = TrainConfig(
         output_dir=args.output_dir, seed=args.seed, batch_size=args.batch_size,

@@ -67,3 +67,18 @@ def test_faces_demo_end_to_end(tmp_path, tiny_base, monkeypatch, minidiff_cache,
 def test_faces_demo_defaults_are_the_main_job():
     args = load_finetune().parse_args([])
     assert (args.start_model, args.dataset, args.image_size, args.eval_samples) == ("photos-32", "faces", 32, 64)
+
+
+def test_gradio_app_offers_the_finetuned_faces_model(tmp_path, tiny_base):
+    pytest.importorskip("gradio")
+    spec = importlib.util.spec_from_file_location("gradio_app", EXAMPLES / "gradio_app.py")
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    assert app.available_models(str(tmp_path / "not-yet")) == minidiff.list_pretrained()
+    assert app.available_models(str(tiny_base)) == [*minidiff.list_pretrained(), str(tiny_base)]
+    unet, scheduler = app.load_model(str(tiny_base), device="cpu")
+    image, distance = app.generate(unet, scheduler, "#BB2266", 5, steps=2, seed=0, batch_size=2)
+    assert image.size == (4 * (2 * 16 + 3), 4 * (16 + 2)) and 0 <= distance <= 1
+    demo = app.build_demo(unet, scheduler, models={"shipped": app.load_model(minidiff.list_pretrained()[0], "cpu"),
+                                                   "faces": (unet, scheduler)})
+    assert type(demo).__name__ == "Blocks"
