@@ -16,8 +16,9 @@ Sections (each updates its own key of the JSON, so they can run separately):
             float32 in every case; only the model runs under autocast).
   train     one training step (MSE to the noise, backward, fused AdamW) of each library in float32 and under
             autocast, as the Trainer's ``mixed_precision`` runs it.
-  curve     the Trainer with mixed_precision "no" and "bf16", same seed and data (shapes-32's architecture
-            trained from scratch on "stripes"), the two runs' steps interleaved: seconds per step and the loss.
+  curve     the Trainer with mixed_precision "no" and "bf16" (and "fp16" on CUDA), same seed and data
+            (shapes-32's architecture trained from scratch on "stripes"), plus "no" with another seed (the curve's
+            own noise), the runs' steps interleaved: seconds per step and the loss.
   quality   the shipped shapes-32 model, DDIM, the same initial noise sampled in float32 and under autocast
             (forced, so that the numbers exist on a CPU where optimize would keep float32), scored as
             benchmarks/samplers.py scores it (the Frechet distance on the shapes judge's features) and by the
@@ -225,6 +226,8 @@ def curve_section(args: argparse.Namespace) -> dict[str, Any]:
     scheduler = minidiff.DDPMScheduler(beta_schedule="squaredcos_cap_v2")
     data = Shapes(32, 4096, seed=0, kind="stripes")
     runs = {"fp32": ("no", 0), "bf16": ("bf16", 0), "fp32, seed 1": ("no", 1)}
+    if args.device == "cuda":
+        runs["fp16"] = ("fp16", 0)  # with the Trainer's gradient scaler
     trainers, streams = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, (precision, seed) in runs.items():
@@ -366,17 +369,19 @@ def target_lines(results: dict[str, Any]) -> list[str]:
     lines = []
     forward = results.get("forward", {}).get("rows")
     if forward:
-        native = results["cpu_flags"].get("amx_bf16") or results["cpu_flags"].get("avx512_bf16")
+        flags = results["cpu_flags"]
+        native = "AMX" if flags.get("amx_bf16") else "avx512_bf16, no AMX" if flags.get("avx512_bf16") else None
         bf16 = forward["minidiff optimize bf16"]
         lines.append(f"bf16 forward (optimize under autocast): {bf16['vs_diffusers_fp32']:.2f}x diffusers fp32 "
                      f"(target <= {TARGET_VS_FP32}), {bf16['vs_diffusers_same_precision']:.2f}x diffusers bf16 "
-                     f"(target <= {TARGET_VS_AUTOCAST}){'' if native else ' [no native bf16: target n/a]'}")
+                     f"(target <= {TARGET_VS_AUTOCAST}) [native bf16: {native or 'none, target n/a'}]")
         default = forward["minidiff fp32"]["ms"]
         for name, r in forward.items():
             if name.startswith("minidiff optimize("):
-                lines.append(f"{name}: {r['ms'] / default:.2f}x minidiff's pure-PyTorch default "
-                             f"(target <= 1; fastest of optimize fp32 and bf16: "
-                             f"{min(forward['minidiff optimize fp32']['ms'], r['ms']) / default:.2f}x)")
+                reduced = forward[f"minidiff optimize {precision_of(name)}"]["ms"]
+                lines.append(f"{name}: {r['ms'] / default:.2f}x minidiff's pure-PyTorch default (target <= 1; "
+                             f"optimize in fp32 {forward['minidiff optimize fp32']['ms'] / default:.2f}x, "
+                             f"in {precision_of(name)} {reduced / default:.2f}x)")
     return lines
 
 

@@ -57,9 +57,10 @@ def test_sampler_arithmetic_stays_float32(forced, scheduler_cls):
         seen.extend([("x_t", x.dtype), ("prev_sample", out.prev_sample.dtype),
                      ("pred_original_sample", out.pred_original_sample.dtype)])
 
-    samples = minidiff.sample(unet, scheduler_cls(), batch_size=2, num_inference_steps=3, class_labels=torch.tensor([0, 1]),
-                              guidance_scale=3.0, guides=[LossGuide(loss, scale=0.1)], guide_through_unet=True,
-                              generator=torch.Generator().manual_seed(0), callback=callback, progress=False)
+    samples = minidiff.sample(unet, scheduler_cls(), batch_size=2, num_inference_steps=3,
+                              class_labels=torch.tensor([0, 1]), guidance_scale=3.0, guides=[LossGuide(loss, scale=0.1)],
+                              guide_through_unet=True, generator=torch.Generator().manual_seed(0), callback=callback,
+                              progress=False)
     assert inside and set(inside) == {torch.bfloat16}
     assert samples.dtype == torch.float32 and torch.isfinite(samples).all()
     assert {dtype for _, dtype in seen} == {torch.float32}
