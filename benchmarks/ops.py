@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from minidiff.kernels import fused, winograd
-from minidiff.kernels.optimize import WINOGRAD_KERNELS
+from minidiff.kernels.fast_path import WINOGRAD_KERNELS
 from minidiff.models.functional import Ops
 
 GN_SHAPES = [(8, 128, 32, 32), (8, 256, 16, 16), (8, 64, 64, 64)]

@@ -18,7 +18,7 @@ import torch
 
 import minidiff
 from minidiff.kernels import fused
-from minidiff.kernels.optimize import restore
+from minidiff.kernels.fast_path import restore
 from minidiff.models.functional import REFERENCE_OPS, UsesOps
 from conftest import TINY, random_unet
 

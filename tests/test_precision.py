@@ -3,7 +3,6 @@ sampler's arithmetic stays float32; the choice per CPU (native bf16, float16, me
 from __future__ import annotations
 
 import copy
-import importlib
 import warnings
 
 import pytest
@@ -14,7 +13,7 @@ from minidiff.sampling import LossGuide
 
 from conftest import TINY, random_unet
 
-optimize_module = importlib.import_module("minidiff.kernels.optimize")  # the package re-exports the function
+from minidiff.kernels import fast_path as optimize_module
 
 SCHEDULERS = (minidiff.DDPMScheduler, minidiff.DDIMScheduler, minidiff.DPMSolverMultistepScheduler)
 

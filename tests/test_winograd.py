@@ -3,7 +3,6 @@ reference, one and two threads), and minidiff.optimize(winograd=True) equal to t
 from __future__ import annotations
 
 import copy
-import importlib
 
 import pytest
 import torch
@@ -11,11 +10,11 @@ import torch.nn.functional as F
 
 import minidiff
 from minidiff.kernels import winograd
-from minidiff.kernels.optimize import restore
+from minidiff.kernels.fast_path import restore
 from conftest import TINY, random_unet
 
 needs_kernels = pytest.mark.skipif(winograd.load() is None, reason="no C++ compiler for the Winograd kernels")
-optimize_module = importlib.import_module("minidiff.kernels.optimize")  # minidiff.kernels.optimize: the function
+from minidiff.kernels import fast_path as optimize_module
 # (B, C, K, H, W): sizes that are and are not multiples of 2 and 4, one-pixel maps, an odd number of tile rows
 # in several images, K not a multiple of the matrix kernel's 16 columns; channels that are not multiples of 8
 # take the reference even on the "kernels" path
