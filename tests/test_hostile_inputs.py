@@ -152,3 +152,14 @@ def test_an_out_of_range_null_class_label_is_named():
     with pytest.raises(ValueError, match=r"null_class_label=7 must be an int in \[0, 3\]"):
         minidiff.sample(cond, minidiff.DDIMScheduler(), num_inference_steps=2, class_labels=torch.tensor([1]),
                         guidance_scale=2.0, null_class_label=7, progress=False)
+
+
+@pytest.mark.parametrize("images, error, message", [
+    (torch.full((1, 3, 8, 8), 200.0), ValueError, r"init_images must hold images in \[-1, 1\].*from 200 to 200"),
+    (torch.full((1, 3, 8, 8), math.nan), ValueError, r"init_images must hold images in \[-1, 1\]"),
+    (torch.zeros(1, 3, 8, 8, dtype=torch.uint8), TypeError, r"init_images must be floating-point images"),
+])
+def test_init_images_out_of_range_are_named(unet, images, error, message):
+    with pytest.raises(error, match=message):
+        minidiff.sample(unet, minidiff.DDIMScheduler(), init_images=images, strength=0.5, num_inference_steps=2,
+                        progress=False)

@@ -24,12 +24,22 @@ from ..schedulers import DDIMScheduler, Scheduler, SchedulerOutput
 from .denoiser import denoiser
 
 
+RANGE_SLACK = 1.5  # how far past [-1, 1] an image may reach: unclamped samples overshoot slightly
+
+
 def check_images(images: Tensor, channels: int, name: str = "init_images") -> Tensor:
     """``images`` as a float (B, C, H, W) tensor with the model's channel count, or a ValueError."""
     if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != channels:
         shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
         raise ValueError(f"{name} must be a (B, {channels}, H, W) tensor of images in [-1, 1], got {shape}")
-    return images if images.is_floating_point() else images.float()
+    if not images.is_floating_point():
+        raise TypeError(f"{name} must be floating-point images in [-1, 1], got {images.dtype} "
+                        "(uint8 pixels: images.float() / 127.5 - 1)")
+    low, high = images.min().item(), images.max().item()
+    if not (-RANGE_SLACK <= low and high <= RANGE_SLACK):  # NaN fails too
+        raise ValueError(f"{name} must hold images in [-1, 1] (samples may overshoot a little), got values from "
+                         f"{low:.3g} to {high:.3g}; images in [0, 1] become x * 2 - 1")
+    return images
 
 
 @dataclass(frozen=True)
