@@ -10,6 +10,10 @@ shows what changed, measured on 64 fixed-seed samples before and after:
   held-out face is (``minidiff.judge.memorization``), with the held-out faces' distances as the reference;
 - the Fréchet distance of simple image statistics to the training images.
 
+It trains at 24x24: the LFW faces are 25x25, so 24 keeps their detail instead of blurring them up to 32, and a
+step costs about half as much, so twice the steps fit in the budget (the UNet is convolutional: the 32x32
+base model runs at 24x24 unchanged). The faces are grayscale, repeated on the model's three channels.
+
     python examples/finetune.py --overwrite                      # the demo (make demo)
     python examples/finetune.py --resume                         # continue an interrupted run
     python examples/finetune.py --start_model path/to/pipeline --dataset path/to/images --image_size 64
@@ -50,20 +54,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"a diffusers pipeline or model folder, or a shipped model: {list_pretrained()}")
     p.add_argument("--dataset", default="faces", help="an embedded dataset (faces, photos, textures, digits, "
                                                       "shapes, stripes) or an image folder")
-    p.add_argument("--image_size", type=int, default=32)
+    p.add_argument("--image_size", type=int, default=24, help="LFW's faces are 25x25: 24 keeps their detail")
     p.add_argument("--batch_size", type=int, default=16, help="global batch per micro-step, all processes")
     p.add_argument("--grad_accumulation_steps", type=int, default=1)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--lr_schedule", choices=LR_SCHEDULES, default="cosine")
     p.add_argument("--warmup_steps", type=int, default=20)
     p.add_argument("--num_epochs", type=int, default=1)
-    p.add_argument("--max_steps", type=int, default=400, help="optimizer steps; 0: --num_epochs instead")
+    p.add_argument("--max_steps", type=int, default=800, help="optimizer steps; 0: --num_epochs instead")
     p.add_argument("--ema_decay", type=float, default=0.99, help="0 disables EMA")
     p.add_argument("--mixed_precision", choices=MIXED_PRECISION, default="no")
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
-    p.add_argument("--log_samples_every", type=int, default=200)
-    p.add_argument("--save_model_every", type=int, default=200)
+    p.add_argument("--log_samples_every", type=int, default=400)
+    p.add_argument("--save_model_every", type=int, default=400)
     p.add_argument("--output_dir", default="outputs/finetune")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output_dir")
     p.add_argument("--overwrite", action="store_true", help="replace a previous run in --output_dir")

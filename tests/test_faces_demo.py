@@ -66,7 +66,7 @@ def test_faces_demo_end_to_end(tmp_path, tiny_base, monkeypatch, minidiff_cache,
 
 def test_faces_demo_defaults_are_the_main_job():
     args = load_finetune().parse_args([])
-    assert (args.start_model, args.dataset, args.image_size, args.eval_samples) == ("photos-32", "faces", 32, 64)
+    assert (args.start_model, args.dataset, args.image_size, args.eval_samples) == ("photos-32", "faces", 24, 64)
 
 
 def test_gradio_app_offers_the_finetuned_faces_model(tmp_path, tiny_base):
