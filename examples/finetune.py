@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+import minidiff
 from minidiff import DDPMScheduler, load_scheduler, load_unet
 from minidiff.data import load_dataset
 from minidiff.files import write_json
@@ -65,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ema_decay", type=float, default=0.99, help="0 disables EMA")
     p.add_argument("--mixed_precision", choices=MIXED_PRECISION, default="no")
     p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--optimize", action=argparse.BooleanOptionalAction, default=True,
+                   help="train through minidiff.optimize's fused kernels (the same steps, ~20%% faster on a CPU)")
     p.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
     p.add_argument("--log_samples_every", type=int, default=400)
     p.add_argument("--save_model_every", type=int, default=400)
@@ -181,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     unet, scheduler = load_start_model(args.start_model)
     unet.config = unet.config.replace(sample_size=args.image_size)  # sample "before" at the trained size
     start_unet = copy.deepcopy(unet)  # resuming loads the checkpoint into ``unet``
+    if args.optimize:
+        minidiff.optimize(unet)  # in place; parameter names and state_dict unchanged
     channels = unet.config.in_channels
     dataset = load_images(args.dataset, args.image_size, channels, augment=True)
     config = TrainConfig(
