@@ -164,10 +164,10 @@ def summary(results: dict) -> str:
     before, after = results["before"], results["after"]
     rows = [f"{'':<20}{'before':>10}{'after':>10}"]
     if "face_share" in before:
-        rows.append(f"{'face share (judge)':<20}{before['face_share']:>10.0%}{after['face_share']:>10.0%}   "
-                    f"judge held-out accuracy {results['judge_held_out_accuracy']:.1%}")
+        rows.append(f"{'face share (judge)':<20}{before['face_share']:>10.1%}{after['face_share']:>10.1%}   "
+                    f"of {after['samples']} samples; judge held-out accuracy {results['judge_held_out_accuracy']:.1%}")
         mem_b, mem_a = before["memorization"], after["memorization"]
-        rows.append(f"{'near-copy share':<20}{mem_b['near_copy_share']:>10.0%}{mem_a['near_copy_share']:>10.0%}   "
+        rows.append(f"{'near-copy share':<20}{mem_b['near_copy_share']:>10.1%}{mem_a['near_copy_share']:>10.1%}   "
                     f"near-copy: nearer a training face than {mem_a['threshold']:.3f}, the nearest any held-out "
                     f"face comes (median held-out {mem_a['median_held_out_distance']:.3f}, "
                     f"median sample after {mem_a['median_sample_distance']:.3f})")

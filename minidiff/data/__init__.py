@@ -1,9 +1,9 @@
 """Datasets that yield ``(image (C, H, W) in [-1, 1], label)``: embedded ones (nothing to download), real
 photographs, textures and faces from scikit-image, image folders and torchvision datasets on disk;
 ``load_dataset`` finds any of them by name or path."""
-from .embedded import (DATASET_NAMES, IMAGE_EXTENSIONS, TORCHVISION_DATASETS, Digits, ImageFolder, LabeledDataset,
-                       Shapes, TorchvisionImages, load_dataset, random_translate, resize_center_crop,
-                       torchvision_dataset)
+from .catalog import DATASET_NAMES, load_dataset
+from .embedded import (IMAGE_EXTENSIONS, TORCHVISION_DATASETS, Digits, ImageFolder, LabeledDataset, Shapes,
+                       TorchvisionImages, random_translate, resize_center_crop, torchvision_dataset)
 from .real import HELD_OUT_FRACTION, PHOTOS, REAL_DATASET_NAMES, TEXTURES, Crops, Faces, real_dataset
 
 __all__ = ["DATASET_NAMES", "HELD_OUT_FRACTION", "IMAGE_EXTENSIONS", "PHOTOS", "REAL_DATASET_NAMES", "TEXTURES",

@@ -1,7 +1,7 @@
 """Datasets that yield ``(image, label)`` with ``image`` a float tensor (C, H, W) in [-1, 1]:
 scikit-learn's digits and procedurally drawn RGB shapes/stripes (embedded, nothing to download),
-image folders, and torchvision datasets already on disk (scikit-image's real photographs and faces
-are in ``real.py``; ``load_dataset`` finds them too)."""
+image folders, and torchvision datasets already on disk (scikit-image's real photographs and faces are in
+``real.py``; ``catalog.load_dataset`` finds all of them by name)."""
 from __future__ import annotations
 
 import functools
@@ -16,7 +16,6 @@ from torch.utils.data import Dataset
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 TORCHVISION_DATASETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10"}
-DATASET_NAMES = ("digits", "shapes", "stripes", "faces", "photos", "textures", *TORCHVISION_DATASETS)
 
 
 class LabeledDataset(Dataset):
@@ -335,23 +334,3 @@ def torchvision_dataset(name: str, root: str | os.PathLike, image_size: int, tra
             f"torchvision.datasets.{cls.__name__}({str(root)!r}, download=True)"
         ) from None
     return TorchvisionImages(base, image_size, channels=3 if name == "cifar10" else 1)
-
-
-def load_dataset(name_or_path: str | os.PathLike, image_size: int, **kwargs) -> LabeledDataset:
-    """A dataset by name (see ``DATASET_NAMES``; torchvision ones need ``root=``) or an image folder path."""
-    name = str(name_or_path)
-    if name == "digits":
-        return Digits(image_size, **kwargs)
-    if name in Shapes.KINDS:
-        return Shapes(image_size, kind=name, **kwargs)
-    if name in ("faces", "photos", "textures"):  # scikit-image's real images (minidiff.data.real)
-        from .real import real_dataset
-
-        return real_dataset(name, image_size, **kwargs)
-    if name in TORCHVISION_DATASETS:
-        if "root" not in kwargs:
-            raise ValueError(f"load_dataset({name!r}) needs root=<folder where {name} was downloaded>")
-        return torchvision_dataset(name, image_size=image_size, **kwargs)
-    if isinstance(name_or_path, os.PathLike) or os.sep in name or Path(name).is_dir():
-        return ImageFolder(name, image_size, **kwargs)
-    raise ValueError(f"unknown dataset {name!r}; allowed: {DATASET_NAMES} or an image folder path")
