@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from minidiff.data import load_dataset
+from minidiff.data import load_dataset, to_channels
 from minidiff.files import write_json
 from minidiff.io import pretrained
 from minidiff.judge import Judge, frechet_distance, image_statistics
@@ -52,8 +52,7 @@ def real_images(name: str, kwargs: dict, n: int) -> torch.Tensor:
 
 
 def features(images: torch.Tensor, judge: Judge) -> dict[str, torch.Tensor]:
-    gray = (images * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True) * 2 - 1
-    return {"statistics": image_statistics(images), "judge": judge.features(gray)}
+    return {"statistics": image_statistics(images), "judge": judge.features(to_channels(images * 2 - 1, 1))}
 
 
 def main() -> None:

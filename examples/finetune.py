@@ -40,7 +40,7 @@ from torch import Tensor
 
 import minidiff
 from minidiff import DDPMScheduler, load_scheduler, load_unet
-from minidiff.data import load_dataset
+from minidiff.data import load_dataset, to_channels
 from minidiff.files import write_json
 from minidiff.io import list_pretrained, pretrained
 from minidiff.judge import Judge, frechet_distance, image_statistics, memorization
@@ -74,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output_dir", default="outputs/finetune")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output_dir")
     p.add_argument("--overwrite", action="store_true", help="replace a previous run in --output_dir")
+    p.add_argument("--allow_resume_changes", action="store_true",
+                   help="--resume even if settings changed (e.g. --max_steps; the run then differs from an "
+                        "uninterrupted one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...; None: cuda if available")
     p.add_argument("--eval_samples", type=int, default=64, help="samples measured before and after")
@@ -121,7 +124,7 @@ class Measures:
         self.args, self.faces = args, args.dataset == "faces"
         train = load_images(args.dataset, args.image_size, channels)
         self.train_images = stack(train, None if self.faces else 512)
-        self.statistics = image_statistics(rgb(self.train_images / 2 + 0.5))
+        self.statistics = image_statistics(to_channels(self.train_images / 2 + 0.5, 3))
         if self.faces:
             self.held_out = stack(load_images(args.dataset, args.image_size, channels, split="test"))
             self.judge = Judge.for_dataset("faces", args.image_size, seed=args.seed)
@@ -133,27 +136,15 @@ class Measures:
                                      seed=a.seed)  # (B, C, H, W) in [0, 1]
         save_sample_grid(samples, Path(a.output_dir) / f"{name}.png", nrow=8)
         out = {"samples": len(samples), "channel_means": [round(v, 3) for v in samples.mean((0, 2, 3)).tolist()]}
-        out["frechet_statistics_to_train"] = frechet_distance(image_statistics(rgb(samples)), self.statistics)
+        out["frechet_statistics_to_train"] = frechet_distance(image_statistics(to_channels(samples, 3)), self.statistics)
         if self.faces:
-            gray = luma(samples * 2 - 1)
+            gray = to_channels(samples * 2 - 1, 1)
             out["face_share"] = self.judge.predict(gray).float().mean().item()  # class 1 is "face"
-            report = memorization(gray, luma(self.train_images), luma(self.held_out))
+            report = memorization(gray, to_channels(self.train_images, 1), to_channels(self.held_out, 1))
             out["memorization"] = {"near_copy_share": report.near_copy_share, "threshold": report.threshold,
                                    "median_sample_distance": median(report.sample_distances),
                                    "median_held_out_distance": median(report.held_out_distances)}
         return out
-
-
-def rgb(images: Tensor) -> Tensor:
-    """(B, 3, H, W): gray images repeated on three channels, colour ones as they are."""
-    return images.expand(-1, 3, -1, -1)
-
-
-def luma(images: Tensor) -> Tensor:
-    """(B, 1, H, W) ITU-R 601 luma of (B, 3, H, W) images; 1-channel images as they are."""
-    if images.shape[1] == 1:
-        return images
-    return (images * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
 
 
 def median(values: list[float]) -> float:
@@ -195,11 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         ema_decay=args.ema_decay, mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing, max_grad_norm=args.max_grad_norm or None,
         log_samples_every=args.log_samples_every, save_model_every=args.save_model_every, resume=args.resume,
-        overwrite=args.overwrite, device=args.device)
+        overwrite=args.overwrite, allow_resume_changes=args.allow_resume_changes, device=args.device)
     try:
         trainer = Trainer(unet, scheduler, dataset, config)
-    except FileExistsError as err:
-        print(f"error: {err} (flags: --resume, --overwrite, --output_dir)", file=sys.stderr)
+    except (FileExistsError, ValueError) as err:  # a previous run in the way, or one that does not match
+        print(f"error: {err} (flags: --resume, --overwrite, --allow_resume_changes, --output_dir)", file=sys.stderr)
         return 2
     if trainer.rank == 0:
         measures = Measures(args, channels)

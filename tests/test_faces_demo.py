@@ -57,8 +57,10 @@ def test_faces_demo_end_to_end(tmp_path, tiny_base, monkeypatch, minidiff_cache,
     assert "face share (judge)" in printed and "near-copy share" in printed and "held-out accuracy" in printed
 
     assert finetune.main(argv) == 2  # a second run neither overwrites nor resumes by accident
-    with pytest.warns(UserWarning, match="lr schedule"):  # 3 -> 4 steps changes the cosine decay
-        assert finetune.main([*argv, "--max_steps", "4", "--resume"]) == 0
+    assert finetune.main([*argv, "--max_steps", "4", "--resume"]) == 2  # 3 -> 4 steps changes the lr schedule
+    assert "total_steps" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="will not match"):
+        assert finetune.main([*argv, "--max_steps", "4", "--resume", "--allow_resume_changes"]) == 0
     assert json.loads((out / "results.json").read_text())["steps"] == 4
     unet = minidiff.load_unet(out)
     assert unet.config.sample_size == 16

@@ -4,9 +4,9 @@ photographs, textures and faces from scikit-image, image folders and torchvision
 from .catalog import DATASET_NAMES, load_dataset
 from .embedded import (IMAGE_EXTENSIONS, TORCHVISION_DATASETS, Digits, ImageFolder, LabeledDataset, Shapes,
                        TorchvisionImages, random_translate, resize_center_crop, torchvision_dataset)
-from .real import HELD_OUT_FRACTION, PHOTOS, REAL_DATASET_NAMES, TEXTURES, Crops, Faces, real_dataset
+from .real import HELD_OUT_FRACTION, PHOTOS, REAL_DATASET_NAMES, TEXTURES, Crops, Faces, real_dataset, to_channels
 
 __all__ = ["DATASET_NAMES", "HELD_OUT_FRACTION", "IMAGE_EXTENSIONS", "PHOTOS", "REAL_DATASET_NAMES", "TEXTURES",
            "TORCHVISION_DATASETS", "Crops", "Digits", "Faces", "ImageFolder", "LabeledDataset", "Shapes",
            "TorchvisionImages", "load_dataset", "random_translate", "real_dataset", "resize_center_crop",
-           "torchvision_dataset"]
+           "to_channels", "torchvision_dataset"]

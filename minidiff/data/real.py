@@ -74,7 +74,7 @@ def _check_split(split: str) -> str:
     return split
 
 
-def _to_channels(images: Tensor, channels: int) -> Tensor:
+def to_channels(images: Tensor, channels: int) -> Tensor:
     """(..., C, H, W) as 1 (ITU-R 601 luma) or 3 (gray repeated) channels."""
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels!r}")
@@ -105,7 +105,7 @@ class Faces(LabeledDataset):
         self.indices = keep.nonzero().flatten()  # into scikit-image's order
         self.image_size, self.channels, self.split, self.kind = _check_size(image_size), channels, split, kind
         self.classes = [kind[:-1]]
-        self.images = _to_channels(resize_center_crop(images[self.indices], image_size), channels).contiguous()
+        self.images = to_channels(resize_center_crop(images[self.indices], image_size), channels).contiguous()
         self.augment = augment
 
     def __len__(self) -> int:
@@ -134,7 +134,7 @@ class Crops(LabeledDataset):
             raise ValueError(f"num_samples must be an int in [1, 2**31), got {num_samples!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {seed!r}")
-        _to_channels(torch.zeros(1, 1, 1), channels)  # validates channels
+        to_channels(torch.zeros(1, 1, 1), channels)  # validates channels
         self.image_size, self.channels, self.kind = _check_size(image_size), channels, kind
         self.split, self.num_samples, self.seed = _check_split(split), num_samples, seed
         self.classes = list(CROP_KINDS[kind])
@@ -167,7 +167,7 @@ class Crops(LabeledDataset):
         label, top, left, side, mirrored = self.crop_box(index)
         crop = self.sources[label][None, :, top : top + side, left : left + side]
         crop = F.interpolate(crop, size=(self.image_size,) * 2, mode="bilinear", antialias=True, align_corners=False)
-        image = _to_channels(crop[0].clamp(-1, 1), self.channels)
+        image = to_channels(crop[0].clamp(-1, 1), self.channels)
         return (image.flip(-1) if mirrored else image).contiguous(), label
 
 
