@@ -127,10 +127,10 @@ def timing_rows(device: torch.device, runs: int) -> list[list]:
 
 
 def pytest_row() -> list:
-    result = subprocess.run([sys.executable, "-m", "pytest", "tests/test_kernels.py", "-q", "-x"], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "pytest", "tests/kernels/test_kernels.py", "-q", "-x"], cwd=ROOT,
                             capture_output=True, text=True)
     summary = (result.stdout.strip().splitlines() or ["no output"])[-1]
-    return ["pytest tests/test_kernels.py", summary, result.returncode == 0]
+    return ["pytest tests/kernels/test_kernels.py", summary, result.returncode == 0]
 
 
 def main() -> None:

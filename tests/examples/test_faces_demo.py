@@ -13,7 +13,7 @@ import minidiff
 
 pytest.importorskip("skimage")
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def load_finetune():

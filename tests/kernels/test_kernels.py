@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from minidiff.kernels import cpu, fused
 from minidiff.models import functional as reference
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_cpu_kernels = pytest.mark.skipif(cpu.load() is None, reason="no C++ compiler for the CPU kernels")
 VARIANTS = ["plain", "add", "scale_shift", "all"]

@@ -22,7 +22,7 @@ from minidiff.kernels.fast_path import restore
 from minidiff.models.functional import REFERENCE_OPS, UsesOps
 from conftest import TINY, random_unet
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 CONDITIONAL = dict(_class_name="UNet2DConditionModel", sample_size=8, in_channels=4, out_channels=4,
                    block_out_channels=[16, 32], layers_per_block=1, norm_num_groups=8, attention_head_dim=4,

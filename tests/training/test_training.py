@@ -289,7 +289,7 @@ def test_diffusers_loads_the_output_and_matches(tmp_path):
 
 DDP_SCRIPT = """
 import sys, torch
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{tests!r}, {tests!r} + "/.."]  # the test module, conftest
 from test_training import ddp_workload
 ddp_workload(sys.argv[1])
 """
@@ -306,7 +306,7 @@ def ddp_workload(output_dir: str) -> None:
 def test_ddp_two_gloo_processes_equal_one(tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT.format(tests=str(Path(__file__).parent))))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(script), str(tmp_path / "two")], env=env, timeout=180, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]

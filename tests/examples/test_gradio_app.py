@@ -13,7 +13,7 @@ import torch
 import minidiff
 from conftest import TINY
 
-APP = Path(__file__).resolve().parents[1] / "examples" / "gradio_app.py"
+APP = Path(__file__).resolve().parents[2] / "examples" / "gradio_app.py"
 CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
                 "--window-size=1280,1600"]
