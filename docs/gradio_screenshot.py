@@ -1,7 +1,7 @@
 """Regenerate docs/images/gradio_demo.png: serve examples/gradio_app.py on a shipped model, generate one grid in
 headless Chromium (needs the demo extra, selenium, chromium and chromedriver) and save a screenshot.
 
-    python docs/gradio_screenshot.py [--model shapes-32] [--color "#BB2266"] [--scale 5]
+    python docs/gradio_screenshot.py [--model photos-32] [--color "#BB2266"] [--scale 5]
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="shapes-32")
+    p.add_argument("--model", default="photos-32")
     p.add_argument("--color", default="#BB2266")
     p.add_argument("--scale", type=float, default=None, help="default: the app's default scale")
     p.add_argument("--out", default=str(ROOT / "docs" / "images" / "gradio_demo.png"))
@@ -32,7 +32,8 @@ def main() -> None:
     app = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(app)
     kwargs = {} if args.scale is None else {"default_scale": args.scale}
-    demo = app.build_demo(*app.load_model(args.model), **kwargs)
+    models = {name: app.load_model(name) for name in dict.fromkeys([args.model, *app.available_models()])}
+    demo = app.build_demo(*models[args.model], models=models, **kwargs)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
