@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     if result.interrupted or trainer.rank != 0:
         return 0
     train_seconds = time.perf_counter() - train_start
-    print(f"trained {result.step} steps in {train_seconds:.0f} s; final loss {result.loss:.4f}")
+    last_loss = "no step left to run" if result.loss is None else f"final loss {result.loss:.4f}"
+    print(f"trained to step {result.step} in {train_seconds:.0f} s; {last_loss}")
     after = measures(load_unet(args.output_dir), scheduler, "after")
     results = {"start_model": args.start_model, "dataset": args.dataset, "train_images": len(dataset),
                "steps": result.step, "train_seconds": round(train_seconds, 1), "before": before, "after": after,

@@ -62,6 +62,8 @@ def test_faces_demo_end_to_end(tmp_path, tiny_base, monkeypatch, minidiff_cache,
     with pytest.warns(UserWarning, match="will not match"):
         assert finetune.main([*argv, "--max_steps", "4", "--resume", "--allow_resume_changes"]) == 0
     assert json.loads((out / "results.json").read_text())["steps"] == 4
+    assert finetune.main([*argv, "--max_steps", "4", "--resume"]) == 0  # a finished run: nothing to train, ends well
+    assert "no step left to run" in capsys.readouterr().out
     unet = minidiff.load_unet(out)
     assert unet.config.sample_size == 16
 
