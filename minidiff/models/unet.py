@@ -169,11 +169,25 @@ class UNet(UsesOps, nn.Module):
             raise ValueError(f"conditioning_image: expected shape {want if c.conditioning_channels else None}, "
                              f"got {got}")
 
+    def _check_conditioning(self, labels: torch.Tensor | None, context: torch.Tensor | None, batch: int) -> None:
+        if labels is not None and not torch.is_tensor(labels):
+            raise TypeError(f"class_labels: expected a tensor, got {type(labels).__name__} (torch.tensor(labels))")
+        if context is None or not self.config.is_conditional:
+            return
+        dims = sorted(set(self.config.cross_attention_dims))
+        if not (torch.is_tensor(context) and context.is_floating_point()):
+            got = context.dtype if torch.is_tensor(context) else type(context).__name__
+            raise TypeError(f"encoder_hidden_states: expected a floating-point tensor, got {got}")
+        if context.ndim != 3 or context.shape[0] != batch or context.shape[2] not in dims:
+            raise ValueError(f"encoder_hidden_states: expected shape ({batch}, S, D) with D in {dims}, got "
+                             f"{tuple(context.shape)}")
+
     def forward(self, sample: torch.Tensor, timestep: int | float | torch.Tensor,
                 class_labels: torch.Tensor | None = None, encoder_hidden_states: torch.Tensor | None = None,
                 conditioning_image: torch.Tensor | None = None) -> torch.Tensor:
         self._check_input(sample, conditioning_image)
         batch = sample.shape[0]
+        self._check_conditioning(class_labels, encoder_hidden_states, batch)
         x = 2 * sample - 1 if self.config.center_input_sample else sample
         t = self._timesteps(timestep, batch)
         emb = self.time_embedding(self.time_proj(t).to(x.dtype))  # (B, D)

@@ -163,3 +163,23 @@ def test_init_images_out_of_range_are_named(unet, images, error, message):
     with pytest.raises(error, match=message):
         minidiff.sample(unet, minidiff.DDIMScheduler(), init_images=images, strength=0.5, num_inference_steps=2,
                         progress=False)
+
+
+def test_conditioning_of_the_wrong_kind_is_named():
+    labelled = minidiff.UNet.from_config({**TINY, "num_class_embeds": 4}).eval()
+    with pytest.raises(TypeError, match=r"class_labels: expected a tensor, got list"), torch.no_grad():
+        labelled(torch.zeros(2, 3, 8, 8), 5, class_labels=[1, 2])
+    cross = minidiff.UNet.from_config(dict(
+        _class_name="UNet2DConditionModel", sample_size=8, in_channels=3, out_channels=3, block_out_channels=[16, 32],
+        layers_per_block=1, norm_num_groups=8, attention_head_dim=2, cross_attention_dim=12,
+        down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+        mid_block_type="UNetMidBlock2DCrossAttn")).eval()
+    x = torch.zeros(2, 3, 8, 8)
+    with torch.no_grad():
+        assert cross(x, 5, encoder_hidden_states=torch.zeros(2, 7, 12)).shape == x.shape
+        with pytest.raises(ValueError, match=r"encoder_hidden_states: expected shape \(2, S, D\) with D in \[12\]"):
+            cross(x, 5, encoder_hidden_states=torch.zeros(2, 7, 10))
+        with pytest.raises(ValueError, match=r"got \(3, 7, 12\)"):
+            cross(x, 5, encoder_hidden_states=torch.zeros(3, 7, 12))
+        with pytest.raises(TypeError, match="encoder_hidden_states: expected a floating-point tensor, got torch.int64"):
+            cross(x, 5, encoder_hidden_states=torch.zeros(2, 7, 12, dtype=torch.long))
