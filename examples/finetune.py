@@ -45,7 +45,7 @@ from minidiff.files import write_json
 from minidiff.io import list_pretrained, pretrained
 from minidiff.judge import Judge, frechet_distance, image_statistics, memorization
 from minidiff.training.log import fixed_seed_samples, save_sample_grid
-from minidiff.training.trainer import LR_SCHEDULES, MIXED_PRECISION, TrainConfig, Trainer
+from minidiff.training import LR_SCHEDULES, MIXED_PRECISION, TrainConfig, Trainer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
