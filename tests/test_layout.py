@@ -17,10 +17,10 @@ ALLOWED = {
     "io": {"files", "models", "schedulers"},
     "sampling": {"files", "models", "schedulers"},
     "data": {"files"},
-    "training": {"files", "checks", "models", "schedulers", "io", "sampling", "data"},
+    "training": {"files", "checks", "models", "schedulers", "io", "sampling", "data", "text"},
     "kernels": {"files", "models"},
     "judge": {"files", "data", "sampling", "models", "schedulers"},
-    "text": {"files", "models"},
+    "text": {"files", "checks", "models", "schedulers", "io"},
 }
 
 

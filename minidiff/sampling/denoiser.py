@@ -18,9 +18,11 @@ def _model_fn(unet: nn.Module, conditioning: dict[str, Tensor]) -> Denoiser:
 def _null_conditioning(unet: nn.Module, conditioning: dict[str, Tensor], null_class_label: int | None,
                        uncond_encoder_hidden_states: Tensor | None) -> dict[str, Tensor]:
     """The unconditional twin of ``conditioning``: the null class (by default the last row of the class
-    embedding, where minidiff's label dropout trains it) and/or the given or all-zero context."""
+    embedding, where minidiff's condition dropout trains it), the given or all-zero context, the all-zero
+    conditioning image (what condition dropout trains)."""
     if not conditioning:
-        raise ValueError("guidance_scale != 1 needs class_labels or encoder_hidden_states to guide towards")
+        raise ValueError("guidance_scale != 1 needs class_labels, encoder_hidden_states or conditioning_image "
+                         "to guide towards")
     null = {}
     if "class_labels" in conditioning:
         labels = conditioning["class_labels"]
@@ -36,8 +38,20 @@ def _null_conditioning(unet: nn.Module, conditioning: dict[str, Tensor], null_cl
     if "encoder_hidden_states" in conditioning:
         context = conditioning["encoder_hidden_states"]
         null["encoder_hidden_states"] = torch.zeros_like(context) if uncond_encoder_hidden_states is None \
-            else uncond_encoder_hidden_states.expand_as(context).to(context)
+            else _null_context(uncond_encoder_hidden_states, context)
+    if "conditioning_image" in conditioning:
+        null["conditioning_image"] = torch.zeros_like(conditioning["conditioning_image"])
     return null
+
+
+def _null_context(uncond: Tensor, context: Tensor) -> Tensor:
+    """``uncond`` (1 or B, L, D) broadcast to the context's shape, or a clear error."""
+    if not torch.is_tensor(uncond) or uncond.ndim != 3 or uncond.shape[0] not in (1, context.shape[0]) \
+            or uncond.shape[1:] != context.shape[1:]:
+        got = tuple(uncond.shape) if torch.is_tensor(uncond) else type(uncond).__name__
+        raise ValueError(f"uncond_encoder_hidden_states: expected shape (1 or {context.shape[0]}, "
+                         f"{context.shape[1]}, {context.shape[2]}) like encoder_hidden_states, got {got}")
+    return uncond.expand_as(context).to(context)
 
 
 def classifier_free(unet: nn.Module, conditioning: dict[str, Tensor], null: dict[str, Tensor],
@@ -53,13 +67,14 @@ def classifier_free(unet: nn.Module, conditioning: dict[str, Tensor], null: dict
 
 
 def denoiser(unet: nn.Module, *, class_labels: Tensor | None = None, encoder_hidden_states: Tensor | None = None,
-             guidance_scale: float = 1.0, null_class_label: int | None = None,
+             conditioning_image: Tensor | None = None, guidance_scale: float = 1.0, null_class_label: int | None = None,
              uncond_encoder_hidden_states: Tensor | None = None) -> Denoiser:
     """``denoise(x, t)`` for ``unet`` with the given conditioning; classifier-free guidance when
     ``guidance_scale`` != 1 (against ``null_class_label`` / ``uncond_encoder_hidden_states``, see
     ``minidiff.sample``)."""
     conditioning = {name: value for name, value in (("class_labels", class_labels),
-                                                    ("encoder_hidden_states", encoder_hidden_states))
+                                                    ("encoder_hidden_states", encoder_hidden_states),
+                                                    ("conditioning_image", conditioning_image))
                     if value is not None}
     if guidance_scale == 1.0:
         return _model_fn(unet, conditioning)

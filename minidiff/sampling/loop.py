@@ -77,19 +77,23 @@ def sample(unet: nn.Module, scheduler: Scheduler, *, batch_size: int | None = No
            guidance_scale: float = 1.0, null_class_label: int | None = None,
            uncond_encoder_hidden_states: Tensor | None = None, guides: Sequence[Guide] = (),
            guide_through_unet: bool = False, init_images: Tensor | None = None, strength: float = 1.0,
-           mask: Tensor | None = None) -> Tensor:
+           mask: Tensor | None = None, conditioning_image: Tensor | None = None) -> Tensor:
     """Generate ``batch_size`` samples in [-1, 1] (unclamped; images are ``(x / 2 + 0.5).clamp(0, 1)``) with a
     DDPM, DDIM or DPM-Solver scheduler; ``batch_size`` defaults to the batch of ``noise`` or ``init_images``, else 1.
 
-    ``unet(x, t, class_labels=..., encoder_hidden_states=...) -> Tensor`` must expose
+    ``unet(x, t, class_labels=..., encoder_hidden_states=..., conditioning_image=...) -> Tensor`` must expose
     ``unet.config.in_channels`` and ``unet.config.sample_size`` (int or (H, W)); samples take the device and
     dtype of its parameters. ``generator`` (one, or one per sample) draws x_T and then the step noise, in
     diffusers' order; ``noise`` gives x_T instead. ``eta`` and ``use_clipped_model_output`` are DDIM's;
     the latter defaults to on with classifier-free guidance, else off (diffusers' default).
     ``callback(i, t, x, out)`` observes each step: x is the sample at t, ``out.prev_sample`` the next one.
 
-    ``guidance_scale`` w != 1 applies classifier-free guidance against the null class (``null_class_label``,
-    default the last class row) or the null context (``uncond_encoder_hidden_states``, default zeros).
+    Conditions: ``class_labels`` (B,), ``encoder_hidden_states`` (B, L, D) for cross-attention (e.g. a text
+    encoder's output), ``conditioning_image`` (B, C', H, W) concatenated to x_t (e.g. an upsampled
+    low-resolution image); any of them together. ``guidance_scale`` w != 1 applies classifier-free guidance
+    against the null of every given condition: the null class (``null_class_label``, default the last class
+    row), the null context (``uncond_encoder_hidden_states``, e.g. the empty prompt's; default zeros) and an
+    all-zero conditioning image.
     ``guides`` (see minidiff.guidance) steer x_t with the gradient of a loss on the predicted x0; with
     ``guide_through_unet`` the gradient also flows through the model.
 
@@ -104,7 +108,7 @@ def sample(unet: nn.Module, scheduler: Scheduler, *, batch_size: int | None = No
     shape = _shape(unet, batch_size, init_images, noise)
     x = _initial_noise(shape, generator, noise, param.device, param.dtype)
     denoise = denoiser(unet, class_labels=class_labels, encoder_hidden_states=encoder_hidden_states,
-                       guidance_scale=guidance_scale, null_class_label=null_class_label,
+                       conditioning_image=conditioning_image, guidance_scale=guidance_scale, null_class_label=null_class_label,
                        uncond_encoder_hidden_states=uncond_encoder_hidden_states)
     predict = guided_predictor(denoise, scheduler, guides, through_unet=guide_through_unet)
     options = _step_options(scheduler, eta, use_clipped_model_output, guidance_scale)

@@ -1,7 +1,7 @@
 """Training checkpoints on disk: the folder format, atomic writes, the newest one, pruning, RNG states.
 
 A checkpoint is the folder ``<root>/step_XXXXXXX`` holding ``unet/`` (trained weights) and ``ema/`` (EMA
-weights), both diffusers model folders, ``training_state.pt`` (optimizer, loss scaler, the RNG states of
+weights), both diffusers model folders, ``text_encoder/`` and ``ema_text_encoder/`` when a text encoder trains, ``training_state.pt`` (optimizer, loss scaler, the RNG states of
 every process; read back with ``weights_only=True``) and ``trainer_state.json`` (step, data position, EMA
 update count, config). It is written under a temporary name beside it and renamed into place only when
 complete: a crash mid-write never leaves a half-written ``step_*`` folder, and older ones are untouched.
@@ -84,14 +84,24 @@ def remove_partial(root: str | os.PathLike) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
-def save_checkpoint(folder: str | os.PathLike, *, unet: nn.Module, ema_model: nn.Module | None,
+def _folders(net: nn.Module, ema_net: nn.Module | None) -> dict[str, nn.Module]:
+    """Checkpoint subfolder -> module, for a ConditionedUNet (``.unet``, ``.text_encoder``) and its EMA."""
+    folders = {"unet": net.unet, "ema": ema_net and ema_net.unet, "text_encoder": net.text_encoder,
+               "ema_text_encoder": ema_net and ema_net.text_encoder}
+    return {name: module for name, module in folders.items() if module is not None}
+
+
+def save_checkpoint(folder: str | os.PathLike, *, net: nn.Module, ema_net: nn.Module | None,
                     optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
                     rng_states: list[dict[str, Any]], info: dict[str, Any]) -> Path:
-    """Write a checkpoint folder atomically (see the module docstring)."""
+    """Write a checkpoint folder atomically (see the module docstring); ``net`` is the trained
+    ConditionedUNet, ``ema_net`` its EMA copy or None."""
     with atomic_dir(folder) as tmp:
-        save_unet(unet, tmp / "unet")
-        if ema_model is not None:
-            save_unet(ema_model, tmp / "ema")
+        for name, module in _folders(net, ema_net).items():
+            if name in ("unet", "ema"):
+                save_unet(module, tmp / name)
+            else:
+                module.save_pretrained(tmp / name)
         with atomic_path(tmp / TRAINING_STATE) as state_file:
             torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                         "rng": rng_states}, state_file)
@@ -99,7 +109,7 @@ def save_checkpoint(folder: str | os.PathLike, *, unet: nn.Module, ema_model: nn
     return Path(folder)
 
 
-def load_checkpoint(folder: str | os.PathLike, *, unet: nn.Module, ema_model: nn.Module | None,
+def load_checkpoint(folder: str | os.PathLike, *, net: nn.Module, ema_net: nn.Module | None,
                     optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None
                     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Load a checkpoint into the given objects; returns (trainer_state.json, per-process RNG states)."""
@@ -108,11 +118,14 @@ def load_checkpoint(folder: str | os.PathLike, *, unet: nn.Module, ema_model: nn
     missing = sorted(TRAINER_STATE_KEYS - info.keys())
     if missing:
         raise ValueError(f"{folder / TRAINER_STATE}: missing keys {missing}")
-    _load_weights(unet, folder / "unet")
-    if ema_model is not None:
-        if not (folder / "ema").is_dir():
-            raise FileNotFoundError(f"{folder}: no ema/ weights, but this run keeps an EMA (ema_decay > 0)")
-        _load_weights(ema_model, folder / "ema")
+    for name, module in _folders(net, ema_net).items():
+        if not (folder / name).is_dir():
+            raise FileNotFoundError(f"{folder}: no {name}/ weights, but this run trains them"
+                                    + (" (ema_decay > 0)" if name.startswith("ema") else ""))
+        if name in ("unet", "ema"):
+            _load_weights(module, folder / name)
+        else:
+            module.load_weights(folder / name)
     try:
         state = torch.load(folder / TRAINING_STATE, map_location="cpu", weights_only=True)
         optimizer.load_state_dict(state["optimizer"])

@@ -90,10 +90,11 @@ def plot_loss(rows: list[dict[str, Any]], path: str | os.PathLike, smoothing: fl
 
 @torch.no_grad()
 def fixed_seed_samples(unet: nn.Module, scheduler: DDPMScheduler | DDIMScheduler, *, num_images: int = 8,
-                       num_inference_steps: int = 50, seed: int = 0, class_labels: Tensor | None = None) -> Tensor:
+                       num_inference_steps: int = 50, seed: int = 0, **conditioning: Tensor | None) -> Tensor:
     """``num_images`` DDIM samples (eta 0) in [0, 1] at ``unet.config.sample_size``, from noise drawn on
     the CPU with ``seed``: the same seed gives the same starting noise on any device, so grids taken at
-    different steps (or before and after fine-tuning) are comparable image by image."""
+    different steps (or before and after fine-tuning) are comparable image by image. ``conditioning``
+    (class_labels, conditioning_image, encoder_hidden_states) goes to ``minidiff.sample``."""
     ddim = DDIMScheduler.from_config(scheduler.config)
     size = unet.config.sample_size
     height, width = (size, size) if isinstance(size, int) else size
@@ -103,7 +104,7 @@ def fixed_seed_samples(unet: nn.Module, scheduler: DDPMScheduler | DDIMScheduler
     unet.eval()
     try:
         x = sample(unet, ddim, batch_size=num_images, num_inference_steps=num_inference_steps, noise=noise,
-                   class_labels=class_labels, progress=False)
+                   progress=False, **conditioning)
     finally:
         unet.train(was_training)
     return (x.float() / 2 + 0.5).clamp(0, 1)

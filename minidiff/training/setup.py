@@ -1,4 +1,4 @@
-"""What the training loop checks and installs before it starts: the model/data checks, the autocast
+"""What the training loop checks and installs before it starts: the model/image check, the autocast
 dtype, seeding, gradient checkpointing of the UNet's blocks, and the SIGINT/SIGTERM handlers."""
 from __future__ import annotations
 
@@ -15,17 +15,13 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 
-def prepare_unet(unet: nn.Module, image_shape: tuple[int, ...], cond_drop_prob: float) -> nn.Module:
+def prepare_unet(unet: nn.Module, image_shape: tuple[int, ...]) -> nn.Module:
     """Check that ``unet`` can learn images of ``image_shape`` (C, H, W); set its sample_size to (H, W)."""
     config = unet.config
     channels, height, width = image_shape
     if config.in_channels != channels or config.out_channels != channels:
         raise ValueError(f"the images have {channels} channels but the UNet has in_channels={config.in_channels}, "
                          f"out_channels={config.out_channels} (learned-variance outputs are not trained here)")
-    if cond_drop_prob > 0 and (config.num_class_embeds is None or
-                               config.class_embed_type not in (None, "concat", "cross_attention")):
-        raise ValueError("cond_drop_prob > 0 needs a UNet with a label embedding table (num_class_embeds set, "
-                         f"class_embed_type None/'concat'/'cross_attention'); got {config.class_embed_type!r}")
     unet.config = config.replace(sample_size=height if height == width else (height, width))
     return unet
 
@@ -42,16 +38,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
-    """(images, labels or None) from a dataset item or a collated batch: a tensor or (image, label, ...)."""
-    if torch.is_tensor(batch):
-        return batch, None
-    if isinstance(batch, (tuple, list)) and batch and torch.is_tensor(batch[0]):
-        label = batch[1] if len(batch) > 1 else None
-        return batch[0], label if label is None or torch.is_tensor(label) else torch.as_tensor(label)
-    raise TypeError(f"dataset items must be an image tensor or (image, label), got {type(batch).__name__}")
 
 
 def enable_gradient_checkpointing(unet: nn.Module) -> None:

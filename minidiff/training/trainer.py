@@ -36,8 +36,9 @@ from ..io import save_pipeline, save_unet
 from ..schedulers import DDIMScheduler, DDPMScheduler
 from .config import RESUMABLE_CHANGES, TrainConfig, lr_factor
 from .log import MetricsLog, fixed_seed_samples, grid_labels, save_sample_grid
-from .setup import (autocast_dtype, enable_gradient_checkpointing, prepare_unet, seed_everything,
-                          split_batch, stop_on_signals)
+from .conditions import ConditionedUNet, Conditions, check_conditions, drop_conditions, split_batch
+from .setup import autocast_dtype, enable_gradient_checkpointing, prepare_unet, seed_everything, stop_on_signals
+from ..text import TextEncoder
 
 @dataclass(frozen=True)
 class TrainResult:
@@ -49,28 +50,36 @@ class TrainResult:
 
 
 class Trainer:
-    """Trains ``unet`` (in place) on ``dataset`` items ``image`` or ``(image, label)``, image (C, H, W) in
-    [-1, 1]. The unet's ``config.sample_size`` becomes the trained image size. ``run()`` trains to the end
-    (or to a SIGINT/SIGTERM) and writes a diffusers pipeline folder to ``output_dir``: ``unet/`` with the
-    EMA weights (the raw ones without EMA), ``unet_raw/`` with the trained weights, ``scheduler/``."""
+    """Trains ``unet`` (in place) on ``dataset`` items: ``image``, ``(image, condition)`` or a dict of the image
+    and its conditions (see ``minidiff.training.conditions``), image (C, H, W) in [-1, 1]. A condition is a
+    class label, a conditioning image (C', H, W) for a UNet with ``conditioning_channels=C'``, or a prompt
+    for ``text_encoder``, which trains jointly with the UNet. ``config.cond_drop_prob`` drops each condition
+    to its null for classifier-free guidance. The unet's ``config.sample_size`` becomes the trained image
+    size. ``run()`` trains to the end (or to a SIGINT/SIGTERM) and writes a diffusers pipeline folder to
+    ``output_dir``: ``unet/`` with the EMA weights (the raw ones without EMA), ``unet_raw/`` with the trained
+    weights, ``scheduler/``, and ``text_encoder/`` (EMA weights) when there is one."""
 
     def __init__(self, unet: nn.Module, scheduler: DDPMScheduler | DDIMScheduler, dataset: Dataset,
-                 config: TrainConfig = TrainConfig()):
+                 config: TrainConfig = TrainConfig(), text_encoder: TextEncoder | None = None):
         c, self.config, self.scheduler, self.dataset = config, config, scheduler, dataset
         self.rank, self.world_size, self.device, self._owns_group = setup_distributed(c.device)
         self.batches_per_epoch = EpochBatches(len(dataset), c.batch_size, c.seed, 0, self.rank,
                                               self.world_size).per_epoch  # also checks batch_size
         self.total_steps = c.max_steps or math.ceil(c.num_epochs * self.batches_per_epoch / c.grad_accumulation_steps)
         self.output_dir, self.checkpoints = Path(c.output_dir), Path(c.output_dir) / "checkpoints"
-        first_image = split_batch(dataset[0])[0]
+        if text_encoder is not None and not isinstance(text_encoder, TextEncoder):
+            raise TypeError(f"text_encoder must be a minidiff.text.TextEncoder, got {type(text_encoder).__name__}")
+        first_image, first_conditions = split_batch(dataset[0])
         self.image_shape = tuple(first_image.shape)
-        self.unet = prepare_unet(unet, self.image_shape, c.cond_drop_prob).to(self.device).train()
+        self.unet = prepare_unet(unet, self.image_shape).to(self.device).train()
+        self.net = ConditionedUNet(self.unet, text_encoder).to(self.device).train()
+        check_conditions(self.net, first_conditions, c.cond_drop_prob)
         self._amp_dtype = autocast_dtype(c.mixed_precision, self.device)
         seed_everything(c.seed + self.rank)  # dropout and data augmentation draw from the global RNGs
-        self.ema = EMA(self.unet, c.ema_decay, c.ema_warmup) if c.ema_decay > 0 else None
+        self.ema = EMA(self.net, c.ema_decay, c.ema_warmup) if c.ema_decay > 0 else None
         # fused: one kernel for all parameters (CPU and CUDA) instead of a loop over them, the same update to
         # float rounding (benchmarks/training.py times both)
-        self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=c.lr, betas=c.adam_betas,
+        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=c.lr, betas=c.adam_betas,
                                            weight_decay=c.weight_decay, fused=self.device.type in ("cpu", "cuda"))
         self.scaler = torch.amp.GradScaler("cuda") if c.mixed_precision == "fp16" else None
         self.generator = torch.Generator(self.device).manual_seed(c.seed)  # same on every process
@@ -79,56 +88,46 @@ class Trainer:
         self._lock = ckpt.lock_output_dir(self.output_dir) if self.rank == 0 else None
         self.fingerprint = {"model": self.unet.config.to_dict(),
                             "scheduler": {"class": type(scheduler).__name__, **scheduler.config.to_dict()},
+                            "text_encoder": text_encoder.config if text_encoder is not None else None,
                             "dataset": ckpt.dataset_identity(dataset, first_image),
                             "settings": {k: v for k, v in c.to_dict().items() if k not in RESUMABLE_CHANGES}}
         self._resume() if c.resume else self._start_fresh()
         if c.gradient_checkpointing:
             enable_gradient_checkpointing(self.unet)
-        self.model = self.unet if self.world_size == 1 else DistributedDataParallel(
-            self.unet, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.model = self.net if self.world_size == 1 else DistributedDataParallel(
+            self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     # ------------------------------------------------------------------ one optimizer step
-    def compute_gradients(self, batches: Iterator[tuple[Tensor, Tensor | None]]) -> Tensor:
+    def compute_gradients(self, batches: Iterator[tuple[Tensor, Conditions]]) -> Tensor:
         """Forward and backward over the step's micro-batches; returns this process's step loss."""
         c, g, dev = self.config, self.generator, self.device
         n, share = c.batch_size * c.grad_accumulation_steps, c.batch_size // self.world_size
         t = torch.randint(0, self.scheduler.num_train_timesteps, (n,), generator=g, device=dev)
         noise = torch.randn((n, *self.image_shape), generator=g, device=dev)
-        drop = torch.rand(n, generator=g, device=dev) < c.cond_drop_prob
+        # one column per condition; with none or one this draws what one column draws
+        drop = torch.rand((n, max(1, len(self.net.condition_names()))), generator=g, device=dev) < c.cond_drop_prob
         total = torch.zeros((), device=dev)
         for i in range(c.grad_accumulation_steps):
             rows = slice(i * c.batch_size + self.rank * share, i * c.batch_size + (self.rank + 1) * share)
-            x0, labels = next(batches)
+            x0, conditions = next(batches)
             last = i == c.grad_accumulation_steps - 1
             # DDP all-reduces the gradients only on the last micro-batch
             with self.model.no_sync() if self.world_size > 1 and not last else contextlib.nullcontext():
-                loss = self._loss(x0.to(dev), labels, t[rows], noise[rows], drop[rows]) / c.grad_accumulation_steps
+                loss = self._loss(x0.to(dev), conditions, t[rows], noise[rows], drop[rows]) / c.grad_accumulation_steps
                 (loss if self.scaler is None else self.scaler.scale(loss)).backward()
             total += loss.detach()
         return total
 
-    def _loss(self, x0: Tensor, labels: Tensor | None, t: Tensor, noise: Tensor, drop: Tensor) -> Tensor:
+    def _loss(self, x0: Tensor, conditions: Conditions, t: Tensor, noise: Tensor, drop: Tensor) -> Tensor:
         x_t = self.scheduler.add_noise(x0, noise, t)
         target = self.scheduler.training_target(x0, noise, t)
-        conditioning = {}
-        if self.unet.takes_class_labels:
-            conditioning["class_labels"] = self._labels(labels, drop)
+        check_conditions(self.net, conditions, self.config.cond_drop_prob)
+        conditioning = drop_conditions(self.net, conditions, drop if self.config.cond_drop_prob > 0 else None,
+                                       self.device)
         with torch.autocast(self.device.type, dtype=self._amp_dtype or torch.float32,
                             enabled=self._amp_dtype is not None):
             prediction = self.model(x_t, t, **conditioning)
         return F.mse_loss(prediction.float(), target.float())
-
-    def _labels(self, labels: Tensor | None, drop: Tensor) -> Tensor:
-        if labels is None:
-            raise ValueError("the UNet is class-conditional but the dataset yields no labels")
-        labels = labels.to(self.device)
-        if self.config.cond_drop_prob > 0:
-            null = self.unet.config.num_class_embeds - 1  # the last embedding row is the null class
-            if int(labels.max()) >= null:
-                raise ValueError(f"with cond_drop_prob > 0 label {null} is the null class; dataset labels must "
-                                 f"be < {null}, got {int(labels.max())}")
-            labels = torch.where(drop, null, labels)
-        return labels
 
     def optimizer_step(self) -> tuple[float, float]:
         """Set the lr, clip, step, clear the gradients, update the EMA; returns (lr, grad_norm)."""
@@ -202,8 +201,8 @@ class Trainer:
         if self.rank == 0:
             tqdm.write(f"{name}: finishing the step and saving a checkpoint (send it again to abort)")
 
-    def batches(self) -> Iterator[tuple[Tensor, Tensor | None]]:
-        """This process's endless stream of (images, labels) micro-batches, from the current step on."""
+    def batches(self) -> Iterator[tuple[Tensor, Conditions]]:
+        """This process's endless stream of (images, conditions) micro-batches, from the current step on."""
         c = self.config
         loader = data_loader(self.dataset, c.batch_size, c.seed, self.step * c.grad_accumulation_steps, self.rank,
                              self.world_size, num_workers=c.num_workers, pin_memory=self.device.type == "cuda")
@@ -230,25 +229,44 @@ class Trainer:
         if c.log_samples_every and self.step % c.log_samples_every:
             self.log_samples()
         self.metrics.plot(self.output_dir / "loss.png")
-        save_pipeline(self.ema.model if self.ema else self.unet, self.scheduler, self.output_dir)
+        final = self.ema.model if self.ema else self.net
+        save_pipeline(final.unet, self.scheduler, self.output_dir)
+        if final.text_encoder is not None:
+            final.text_encoder.save_pretrained(self.output_dir / "text_encoder")
         if self.ema is not None:
             save_unet(self.unet, self.output_dir / "unet_raw")
         write_json(self.output_dir / "training_config.json", c.to_dict())
 
     def log_samples(self) -> Path | None:
-        """Rank 0: a grid of 8 fixed-seed DDIM samples from the EMA weights, and the loss curve."""
+        """Rank 0: a grid of 8 fixed-seed DDIM samples from the EMA weights, and the loss curve. A class-conditional
+        model draws classes 0, 1, 2, ...; other conditions are those of the first 8 dataset items."""
         if self.rank != 0:
             return None
-        model, c = (self.ema.model if self.ema is not None else self.unet), self.config
-        images = fixed_seed_samples(model, self.scheduler, num_inference_steps=c.sample_steps, seed=c.seed,
-                                    class_labels=grid_labels(model, 8, null_class=c.cond_drop_prob > 0))
+        net, c = (self.ema.model if self.ema is not None else self.net), self.config
+        conditioning = self._grid_conditioning(net)
+        images = fixed_seed_samples(net.unet, self.scheduler, num_inference_steps=c.sample_steps, seed=c.seed,
+                                    **conditioning)
         self.metrics.plot(self.output_dir / "loss.png")
         return save_sample_grid(images, self.output_dir / "samples" / f"step_{self.step:07d}.png")
+
+    def _grid_conditioning(self, net: ConditionedUNet) -> dict[str, Tensor]:
+        names = net.condition_names()
+        first = [split_batch(self.dataset[i])[1] for i in range(min(8, len(self.dataset)))] if names else []
+        first = first * (8 // len(first) + 1) if first else first
+        conditioning = {}
+        if "class_labels" in names:
+            conditioning["class_labels"] = grid_labels(net.unet, 8, null_class=self.config.cond_drop_prob > 0)
+        if "conditioning_image" in names:
+            conditioning["conditioning_image"] = torch.stack([f["conditioning_image"] for f in first[:8]]).to(self.device)
+        if "prompts" in names:
+            with torch.no_grad():
+                conditioning["encoder_hidden_states"] = net.text_encoder([f["prompts"][0] for f in first[:8]])
+        return conditioning
 
     # ------------------------------------------------------------------ checkpoints
     def _check_weights_finite(self) -> None:
         """A NaN or inf weight must never be saved as a good checkpoint or as the result."""
-        models = [self.unet] + ([self.ema.model] if self.ema is not None else [])
+        models = [self.net] + ([self.ema.model] if self.ema is not None else [])
         bad = [name for model in models for name, p in model.named_parameters() if not torch.isfinite(p).all()]
         if bad:
             raise self._non_finite(f"weight {bad[0]} ({len(bad)} tensors in all)", "not finite")
@@ -265,7 +283,7 @@ class Trainer:
                     "micro_batches": micro_batches, "ema_num_updates": self.ema.num_updates if self.ema else 0,
                     "total_steps": self.total_steps, "world_size": self.world_size, "config": self.config.to_dict(),
                     "fingerprint": self.fingerprint}
-            ckpt.save_checkpoint(folder, unet=self.unet, ema_model=self.ema and self.ema.model,
+            ckpt.save_checkpoint(folder, net=self.net, ema_net=self.ema and self.ema.model,
                                  optimizer=self.optimizer, scaler=self.scaler, rng_states=rng_states, info=info)
             ckpt.prune_checkpoints(self.checkpoints, self.config.keep_checkpoints)
         barrier(self.world_size)
@@ -276,7 +294,7 @@ class Trainer:
         folder = ckpt.latest_checkpoint(self.checkpoints)
         if folder is None:
             raise FileNotFoundError(f"resume=True but {self.checkpoints} holds no checkpoint (step_XXXXXXX/)")
-        info, rng_states = ckpt.load_checkpoint(folder, unet=self.unet, ema_model=self.ema and self.ema.model,
+        info, rng_states = ckpt.load_checkpoint(folder, net=self.net, ema_net=self.ema and self.ema.model,
                                                 optimizer=self.optimizer, scaler=self.scaler)
         changed = ckpt.fingerprint_changes(info.get("fingerprint", {}), self.fingerprint)
         if info["total_steps"] != self.total_steps and self.config.lr_schedule != "constant":
@@ -313,6 +331,7 @@ class Trainer:
 
 
 def train(unet: nn.Module, scheduler: DDPMScheduler | DDIMScheduler, dataset: Dataset,
-          config: TrainConfig = TrainConfig()) -> TrainResult:
-    """Train ``unet`` on ``dataset`` with ``config`` (see ``Trainer``); returns the TrainResult."""
-    return Trainer(unet, scheduler, dataset, config).run()
+          config: TrainConfig = TrainConfig(), text_encoder: TextEncoder | None = None) -> TrainResult:
+    """Train ``unet`` (and ``text_encoder``) on ``dataset`` with ``config`` (see ``Trainer``); returns the
+    TrainResult."""
+    return Trainer(unet, scheduler, dataset, config, text_encoder).run()

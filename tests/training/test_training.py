@@ -23,6 +23,7 @@ import minidiff
 from minidiff.training import checkpoint as ckpt
 from minidiff.training.ema import EMA, ema_decay_at
 from minidiff.io import list_pretrained, pretrained
+from minidiff.training.conditions import drop_conditions
 from minidiff.training.setup import enable_gradient_checkpointing, stop_on_signals
 from minidiff.training import TrainConfig, Trainer, lr_factor, train
 
@@ -159,10 +160,11 @@ def test_label_dropout_uses_the_null_class(tmp_path):
     unet = tiny_unet(num_class_embeds=4)  # 3 classes + the null row
     config = TrainConfig(output_dir=str(tmp_path), cond_drop_prob=0.5, **FAST)
     trainer = Trainer(unet, scheduler(), images(), config)
-    labels = trainer._labels(torch.tensor([0, 1, 2, 1]), torch.tensor([True, False, True, False]))
-    assert labels.tolist() == [3, 1, 3, 1]
+    drop = torch.tensor([[True], [False], [True], [False]])
+    labels = drop_conditions(trainer.net, {"class_labels": torch.tensor([0, 1, 2, 1])}, drop, trainer.device)
+    assert labels["class_labels"].tolist() == [3, 1, 3, 1]
     with pytest.raises(ValueError, match="null class"):
-        trainer._labels(torch.tensor([3, 0, 0, 0]), torch.zeros(4, dtype=torch.bool))
+        drop_conditions(trainer.net, {"class_labels": torch.tensor([3, 0, 0, 0])}, ~drop | drop, trainer.device)
     assert trainer.run().step == 4  # trains through the class-conditional path
 
 

@@ -1,0 +1,93 @@
+"""A small text encoder trained from scratch with the UNet: word embeddings plus learned positions through a
+pre-norm Transformer encoder (Vaswani et al. 2017); its token outputs are the UNet's cross-attention context
+(as in GLIDE, Nichol et al. 2022, and Imagen, Saharia et al. 2022)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from ..files import atomic_path, read_json, write_json
+from .tokenizer import WordTokenizer
+
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+
+
+class TextEncoder(nn.Module):
+    """``encoder(prompts: list[str]) -> (B, max_length, width)``: the tokenizer and the transformer in one
+    module, so that it trains, saves and loads as one piece."""
+
+    def __init__(self, vocabulary: Sequence[str], max_length: int = 8, width: int = 64, layers: int = 2,
+                 heads: int = 4):
+        super().__init__()
+        for name, value in (("width", width), ("layers", layers), ("heads", heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TextEncoder: {name}={value!r} must be an int >= 1")
+        if width % heads:
+            raise ValueError(f"TextEncoder: heads={heads} must divide width={width}")
+        self.tokenizer = WordTokenizer(vocabulary, max_length)
+        self.config = {"vocabulary": list(vocabulary), "max_length": max_length, "width": width, "layers": layers,
+                       "heads": heads}
+        self.token_embedding = nn.Embedding(len(self.tokenizer), width)
+        self.position_embedding = nn.Parameter(torch.randn(max_length, width) * 0.02)
+        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.transformer = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.final_norm = nn.LayerNorm(width)
+
+    @property
+    def width(self) -> int:
+        return self.config["width"]
+
+    def forward(self, prompts: Sequence[str]) -> Tensor:
+        ids = self.tokenizer(prompts).to(self.token_embedding.weight.device)
+        x = self.token_embedding(ids) + self.position_embedding
+        return self.final_norm(self.transformer(x))
+
+    # ------------------------------------------------------------------ files
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write ``config.json`` (with the vocabulary) and ``model.safetensors``, each atomically."""
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        with atomic_path(folder / WEIGHTS_NAME) as tmp:
+            save_file(state, tmp, metadata={"format": "pt"})
+        write_json(folder / CONFIG_NAME, {"_class_name": type(self).__name__, **self.config})
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> TextEncoder:
+        """A TextEncoder from a folder ``save_pretrained`` wrote (strict: every weight present, right shapes)."""
+        folder = Path(path)
+        config = read_json(folder / CONFIG_NAME)
+        if config.pop("_class_name", None) != cls.__name__:
+            raise ValueError(f"{folder / CONFIG_NAME}: not a {cls.__name__} config")
+        try:
+            encoder = cls(**config)
+        except TypeError as err:
+            raise ValueError(f"{folder / CONFIG_NAME}: {err}") from None
+        encoder.load_weights(folder)
+        return encoder.eval()
+
+    def load_weights(self, path: str | os.PathLike) -> None:
+        """Load ``model.safetensors`` from ``path`` into this encoder, checking names and shapes."""
+        file = Path(path) / WEIGHTS_NAME
+        try:
+            state = load_file(file)
+        except Exception as err:  # missing, truncated or not a safetensors file
+            raise ValueError(f"{file}: cannot read the text encoder weights ({type(err).__name__}: {err})") from None
+        own = self.state_dict()
+        problems = sorted(own.keys() ^ state.keys()) + [k for k in own.keys() & state.keys()
+                                                         if own[k].shape != state[k].shape]
+        if problems:
+            raise ValueError(f"{file}: weights do not match the config (missing, unexpected or reshaped: "
+                             f"{problems[:5]})")
+        self.load_state_dict(state)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.config.items() if k != "vocabulary") + \
+            f", vocabulary={len(self.config['vocabulary'])} words"
+
