@@ -1,5 +1,6 @@
 """The judges: a small CNN classifier trained on real images (its score of class-conditioned samples is the
 fraction it assigns to the class they were generated for; the "faces" judge tells faces from non-faces),
+a caption judge for text-to-image (the shape by such a classifier, the colour by the hue of bright pixels),
 a memorisation measure (nearest-neighbour distances to the training images) and the Fréchet distance
 between two feature sets."""
 from __future__ import annotations
@@ -16,12 +17,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from .data import DATASET_NAMES, TORCHVISION_DATASETS, Digits, Shapes, load_dataset, random_translate
+from .data import (COLOURS, DATASET_NAMES, SHAPES, TORCHVISION_DATASETS, CaptionedShapes, Digits, ShapeLabels, Shapes,
+                   load_dataset, random_translate)
 from .files import atomic_path, cache_dir
 
 JUDGE_VERSION = "1"  # part of the cache key: bump when the network or its training changes
-JUDGED_DATASETS = tuple(name for name in DATASET_NAMES if name not in ("photos", "textures"))
-JUDGE_EPOCHS = {"faces": 20}  # few images (80 faces): more passes; other datasets train 10 epochs
+JUDGED_DATASETS = (*(name for name in DATASET_NAMES if name not in ("photos", "textures")), "captioned_shapes")
+# few images (80 faces): more passes; small rotated shapes: more passes (100% on held-out ones); else 10 epochs
+JUDGE_EPOCHS = {"faces": 20, "captioned_shapes": 15}
 
 
 class JudgeNet(nn.Module):
@@ -96,6 +99,8 @@ def _splits(name: str, image_size: int, **dataset_kwargs) -> tuple[Dataset, Data
         return Digits(image_size, split="train"), Digits(image_size, split="test")
     if name in Shapes.KINDS:  # another seed draws images the judge never saw
         return Shapes(image_size, 3000, seed=0, kind=name), Shapes(image_size, 600, seed=1, kind=name)
+    if name == "captioned_shapes":  # the shape of every colour, held-out pairs included
+        return tuple(ShapeLabels(CaptionedShapes(image_size, "all", n, seed=seed)) for n, seed in ((10_000, 0), (900, 1)))
     if name not in TORCHVISION_DATASETS:
         raise ValueError(f"no judge for dataset {name!r}; named ones: {JUDGED_DATASETS}; for other data use "
                          "Judge.train(train_set, test_set) with save() and load()")
@@ -248,6 +253,71 @@ def judge_samples(unet: nn.Module, scheduler, judge: Judge, *, samples_per_class
                guidance_scale=guidance_scale, progress=progress).cpu()
         for chunk in labels.split(batch_size)])
     return images, labels, judge.score(images.clamp(-1, 1), labels)
+
+
+# ---------------------------------------------------------------------------------- captioned shapes
+def colour_names(images: Tensor, min_value: float = 0.5, min_saturation: float = 0.4) -> list[str | None]:
+    """The colour (one of COLOURS, hue bins centred on 0, 60, ..., 300 degrees) of each image's bright,
+    saturated pixels (B, 3, H, W in [-1, 1]): the circular mean of their hues, atan2(sqrt(3) (G - B),
+    2R - G - B); None for an image without such pixels."""
+    rgb = (images.float().clamp(-1, 1) + 1) / 2
+    r, g, b = rgb.unbind(1)
+    high, low = rgb.amax(1), rgb.amin(1)
+    weight = ((high >= min_value) & (high - low >= min_saturation * high)).float()
+    angle = torch.atan2(math.sqrt(3) * (g - b), 2 * r - g - b)
+    x, y = (weight * angle.cos()).sum((1, 2)), (weight * angle.sin()).sum((1, 2))
+    bins = torch.round(torch.atan2(y, x) / (math.pi / 3)).long() % len(COLOURS)
+    return [COLOURS[k] if any_ else None for k, any_ in zip(bins.tolist(), (weight.sum((1, 2)) > 0).tolist())]
+
+
+@dataclass(frozen=True)
+class CaptionReport:
+    shape: float      # share of images whose shape the judge reads as the prompt's
+    colour: float     # share whose bright pixels have the prompt's colour
+    both: float       # share with both right
+    count: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class CaptionJudge:
+    """Reads ``"a {colour} {shape}"`` images: the shape by a Judge trained on captioned shapes of every
+    colour (``Judge.for_dataset("captioned_shapes")``), the colour by ``colour_names``."""
+
+    def __init__(self, shape_judge: Judge):
+        if shape_judge.classes != list(SHAPES):
+            raise ValueError(f"the shape judge must tell {list(SHAPES)}, it tells {shape_judge.classes}")
+        self.shape_judge = shape_judge
+
+    @classmethod
+    def for_image_size(cls, image_size: int = 32, cache_dir: str | os.PathLike | None = None) -> CaptionJudge:
+        return cls(Judge.for_dataset("captioned_shapes", image_size, cache_dir))
+
+    def read(self, images: Tensor) -> tuple[list[str | None], list[str]]:
+        """(colours, shapes) of (B, 3, H, W) images in [-1, 1]."""
+        shapes = [SHAPES[k] for k in self.shape_judge.predict(images).tolist()]
+        return colour_names(images), shapes
+
+    def score(self, images: Tensor, prompts: list[str]) -> CaptionReport:
+        """How many images show their prompt's colour and shape (each prompt names one of each)."""
+        if len(prompts) != len(images):
+            raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
+        wanted = [_colour_and_shape(p) for p in prompts]
+        colours, shapes = self.read(images)
+        colour_ok = torch.tensor([c == w[0] for c, w in zip(colours, wanted)])
+        shape_ok = torch.tensor([s == w[1] for s, w in zip(shapes, wanted)])
+        return CaptionReport(shape_ok.float().mean().item(), colour_ok.float().mean().item(),
+                             (colour_ok & shape_ok).float().mean().item(), len(prompts))
+
+
+def _colour_and_shape(prompt: str) -> tuple[str, str]:
+    words = prompt.lower().split()
+    colours, shapes = [w for w in words if w in COLOURS], [w for w in words if w in SHAPES]
+    if len(colours) != 1 or len(shapes) != 1:
+        raise ValueError(f"prompt {prompt!r}: the caption judge needs exactly one colour of {list(COLOURS)} and one "
+                         f"shape of {list(SHAPES)}")
+    return colours[0], shapes[0]
 
 
 # ------------------------------------------------------------------------------------- memorisation

@@ -1,4 +1,5 @@
-"""diffusers config.json dicts of real checkpoints' UNets (as published on the Hugging Face hub). Tests prove parity on them and benchmarks time them:
+"""diffusers config.json dicts of real checkpoints' UNets (as published on the Hugging Face hub; tests prove parity on them and benchmarks time them),
+and the small class-, text- and image-conditional configs the examples train:
 ``UNet.from_config(ARCHITECTURES["ddpm-cifar10-32"])`` builds the architecture with random weights."""
 from __future__ import annotations
 
@@ -73,3 +74,30 @@ def class_conditional_config(mode: str, num_classes: int, image_size: int = 16, 
     return dict(base, _class_name="UNet2DModel", class_embed_type="concat" if mode == "concat" else None,
                 down_block_types=["DownBlock2D"] + ["AttnDownBlock2D"] * (n - 1),
                 up_block_types=["AttnUpBlock2D"] * (n - 1) + ["UpBlock2D"], attention_head_dim=16)
+
+
+def text_conditional_config(context_dim: int, image_size: int = 32, channels: int = 3,
+                            widths: tuple[int, ...] = (16, 32, 64), layers_per_block: int = 1,
+                            num_class_embeds: int | None = None) -> dict[str, Any]:
+    """A small UNet2DConditionModel whose CrossAttn blocks (all but the full-resolution one) attend to a
+    ``context_dim``-wide token sequence, e.g. a text encoder's output; ``num_class_embeds`` adds a class
+    embedding to the timestep embedding as a second condition."""
+    n = len(widths)
+    return dict(_class_name="UNet2DConditionModel", sample_size=image_size, in_channels=channels,
+                out_channels=channels, block_out_channels=list(widths), layers_per_block=layers_per_block,
+                norm_num_groups=8, down_block_types=["DownBlock2D"] + ["CrossAttnDownBlock2D"] * (n - 1),
+                up_block_types=["CrossAttnUpBlock2D"] * (n - 1) + ["UpBlock2D"],
+                mid_block_type="UNetMidBlock2DCrossAttn", attention_head_dim=4, cross_attention_dim=context_dim,
+                num_class_embeds=num_class_embeds)
+
+
+def image_conditional_config(conditioning_channels: int, image_size: int = 32, channels: int = 3,
+                             widths: tuple[int, ...] = (32, 64, 64), layers_per_block: int = 1) -> dict[str, Any]:
+    """A small UNet2DModel taking a ``conditioning_channels`` image concatenated to its input (SR3, Saharia
+    et al. 2021: the upsampled low-resolution image), self-attention at the lowest resolution only."""
+    n = len(widths)
+    return dict(_class_name="UNet2DModel", sample_size=image_size, in_channels=channels, out_channels=channels,
+                conditioning_channels=conditioning_channels, block_out_channels=list(widths),
+                layers_per_block=layers_per_block, norm_num_groups=8,
+                down_block_types=["DownBlock2D"] * (n - 1) + ["AttnDownBlock2D"],
+                up_block_types=["AttnUpBlock2D"] + ["UpBlock2D"] * (n - 1), attention_head_dim=16)
