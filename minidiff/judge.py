@@ -369,6 +369,22 @@ def memorization(samples: Tensor, train_images: Tensor, held_out_images: Tensor)
                               [round(v, 4) for v in distances.tolist()], [round(v, 4) for v in held_out.tolist()])
 
 
+# ---------------------------------------------------------------------------------- super-resolution
+def psnr(images: Tensor, references: Tensor) -> Tensor:
+    """Peak signal-to-noise ratio (dB) of each image (B, C, H, W) in [-1, 1] against its reference:
+    10 log10(peak^2 / MSE) with peak 2 (the range of [-1, 1])."""
+    mse = (images.float().clamp(-1, 1) - references.float()).square().mean((1, 2, 3))
+    return 10 * torch.log10(4 / mse.clamp_min(1e-12))
+
+
+def high_frequency_energy(images: Tensor) -> Tensor:
+    """Mean squared discrete Laplacian of each image (B, C, H, W) (inner pixels): the fine detail that
+    upsampling blurs away; a sharp, realistic upsampling has about the real images' energy."""
+    x = images.float()
+    laplacian = (x[..., 1:-1, :-2] + x[..., 1:-1, 2:] + x[..., :-2, 1:-1] + x[..., 2:, 1:-1] - 4 * x[..., 1:-1, 1:-1])
+    return laplacian.square().mean((1, 2, 3))
+
+
 # ----------------------------------------------------------------------------------- distributions
 def image_statistics(images: Tensor) -> Tensor:
     """Per-image statistics of (B, 3, H, W) images in [0, 1]: mean and std of each colour channel, mean

@@ -163,17 +163,21 @@ class UNet(UsesOps, nn.Module):
             raise ValueError(f"sample: height and width must be multiples of {factor}, got "
                              f"{tuple(sample.shape[2:])}")
         want = (sample.shape[0], c.conditioning_channels, *sample.shape[2:])
-        if (conditioning_image is None) != (c.conditioning_channels == 0) or \
-                (conditioning_image is not None and tuple(conditioning_image.shape) != want):
+        if conditioning_image is not None and c.conditioning_channels == 0:
+            raise ValueError("conditioning_image was given but this UNet takes none (UNetConfig.conditioning_channels=0)")
+        if c.conditioning_channels and (conditioning_image is None or tuple(conditioning_image.shape) != want):
             got = None if conditioning_image is None else tuple(conditioning_image.shape)
-            raise ValueError(f"conditioning_image: expected shape {want if c.conditioning_channels else None}, "
-                             f"got {got}")
+            raise ValueError(f"conditioning_image: this UNet is image-conditioned; expected shape {want} (batch, "
+                             f"conditioning_channels, the sample's height and width), got {got}")
 
     def _check_conditioning(self, labels: torch.Tensor | None, context: torch.Tensor | None, batch: int) -> None:
         if labels is not None and not torch.is_tensor(labels):
             raise TypeError(f"class_labels: expected a tensor, got {type(labels).__name__} (torch.tensor(labels))")
-        if context is None or not self.config.is_conditional:
+        if context is None:
             return
+        if not self.config.is_conditional:
+            raise ValueError("encoder_hidden_states were given but this UNet2DModel has no cross-attention (a "
+                             "UNet2DConditionModel has)")
         dims = sorted(set(self.config.cross_attention_dims))
         if not (torch.is_tensor(context) and context.is_floating_point()):
             got = context.dtype if torch.is_tensor(context) else type(context).__name__

@@ -98,7 +98,7 @@ def _check_mask(mask: Tensor, images: Tensor) -> Tensor:
 
 def invert(unet: nn.Module, scheduler: Scheduler, images: Tensor, num_inference_steps: int = 50, *,
            class_labels: Tensor | None = None, encoder_hidden_states: Tensor | None = None,
-           guidance_scale: float = 1.0, null_class_label: int | None = None,
+           conditioning_image: Tensor | None = None, guidance_scale: float = 1.0, null_class_label: int | None = None,
            uncond_encoder_hidden_states: Tensor | None = None, progress: bool = True,
            callback: Callable[[int, Tensor, Tensor, SchedulerOutput], None] | None = None) -> Tensor:
     """DDIM inversion: the deterministic x_T of ``images`` (B, C, H, W) in [-1, 1], at the noise level of the
@@ -112,7 +112,8 @@ def invert(unet: nn.Module, scheduler: Scheduler, images: Tensor, num_inference_
     param = next(unet.parameters())
     x = check_images(images, unet.config.in_channels, "images").to(device=param.device, dtype=param.dtype)
     denoise = denoiser(unet, class_labels=class_labels, encoder_hidden_states=encoder_hidden_states,
-                       guidance_scale=guidance_scale, null_class_label=null_class_label,
+                       conditioning_image=conditioning_image, guidance_scale=guidance_scale,
+                       null_class_label=null_class_label,
                        uncond_encoder_hidden_states=uncond_encoder_hidden_states)
     timesteps = ddim.inverse_timesteps(num_inference_steps)
     with torch.no_grad():

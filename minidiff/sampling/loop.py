@@ -25,10 +25,10 @@ from .guidance import Guide, guided_predictor
 Callback = Callable[[int, Tensor, Tensor, SchedulerOutput], None]
 
 
-def _shape(unet: nn.Module, batch_size: int | None, init_images: Tensor | None,
-           noise: Tensor | None) -> tuple[int, ...]:
-    """(B, C, H, W) of the samples: the init_images' shape, else batch_size (default: the noise's batch, or 1)
-    and the unet config."""
+def _shape(unet: nn.Module, batch_size: int | None, init_images: Tensor | None, noise: Tensor | None,
+           conditioning_image: Tensor | None) -> tuple[int, ...]:
+    """(B, C, H, W) of the samples: the init_images' shape, else batch_size (default: the batch of the noise or
+    the conditioning image, or 1) and the conditioning image's size or the unet config's sample_size."""
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size={batch_size!r} must be an int >= 1")
     if init_images is not None:
@@ -38,6 +38,10 @@ def _shape(unet: nn.Module, batch_size: int | None, init_images: Tensor | None,
         return tuple(init_images.shape)
     size = unet.config.sample_size
     height, width = (size, size) if isinstance(size, int) else tuple(size)
+    if torch.is_tensor(conditioning_image) and conditioning_image.dim() == 4:
+        height, width = conditioning_image.shape[2:]
+        if batch_size is None:
+            batch_size = len(conditioning_image)
     if batch_size is None and torch.is_tensor(noise) and noise.dim() == 4:
         batch_size = len(noise)
     return (batch_size or 1, unet.config.in_channels, height, width)
@@ -79,7 +83,8 @@ def sample(unet: nn.Module, scheduler: Scheduler, *, batch_size: int | None = No
            guide_through_unet: bool = False, init_images: Tensor | None = None, strength: float = 1.0,
            mask: Tensor | None = None, conditioning_image: Tensor | None = None) -> Tensor:
     """Generate ``batch_size`` samples in [-1, 1] (unclamped; images are ``(x / 2 + 0.5).clamp(0, 1)``) with a
-    DDPM, DDIM or DPM-Solver scheduler; ``batch_size`` defaults to the batch of ``noise`` or ``init_images``, else 1.
+    DDPM, DDIM or DPM-Solver scheduler; ``batch_size`` defaults to the batch of ``noise``, ``init_images`` or
+    ``conditioning_image``, else 1; a conditioning image also sets the samples' height and width.
 
     ``unet(x, t, class_labels=..., encoder_hidden_states=..., conditioning_image=...) -> Tensor`` must expose
     ``unet.config.in_channels`` and ``unet.config.sample_size`` (int or (H, W)); samples take the device and
@@ -105,7 +110,7 @@ def sample(unet: nn.Module, scheduler: Scheduler, *, batch_size: int | None = No
             or not math.isfinite(guidance_scale):
         raise ValueError(f"guidance_scale={guidance_scale!r} must be a finite number (1: no guidance)")
     param = next(unet.parameters())
-    shape = _shape(unet, batch_size, init_images, noise)
+    shape = _shape(unet, batch_size, init_images, noise, conditioning_image)
     x = _initial_noise(shape, generator, noise, param.device, param.dtype)
     denoise = denoiser(unet, class_labels=class_labels, encoder_hidden_states=encoder_hidden_states,
                        conditioning_image=conditioning_image, guidance_scale=guidance_scale, null_class_label=null_class_label,

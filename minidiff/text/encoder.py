@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -15,6 +17,22 @@ from ..files import atomic_path, read_json, write_json
 from .tokenizer import WordTokenizer
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm transformer layer: x + attention(norm(x)), then x + MLP(norm(x)) (GELU, 4x wide)."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.out = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, k, v = rearrange(self.qkv(self.norm1(x)), "b l (three h d) -> three b h l d", three=3, h=self.heads)
+        x = x + self.out(rearrange(F.scaled_dot_product_attention(q, k, v), "b h l d -> b l (h d)"))
+        return x + self.mlp(self.norm2(x))
 
 
 class TextEncoder(nn.Module):
@@ -34,10 +52,14 @@ class TextEncoder(nn.Module):
                        "heads": heads}
         self.token_embedding = nn.Embedding(len(self.tokenizer), width)
         self.position_embedding = nn.Parameter(torch.randn(max_length, width) * 0.02)
-        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
-                                           batch_first=True, norm_first=True)
-        self.transformer = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.layers = nn.ModuleList(TransformerLayer(width, heads) for _ in range(layers))
         self.final_norm = nn.LayerNorm(width)
+
+    @classmethod
+    def from_vocabulary_of(cls, captions: Sequence[str], **kwargs) -> TextEncoder:
+        """An untrained encoder whose vocabulary and length fit ``captions`` (see WordTokenizer.from_captions)."""
+        tokenizer = WordTokenizer.from_captions(captions)
+        return cls(tokenizer.vocabulary, tokenizer.max_length, **kwargs)
 
     @property
     def width(self) -> int:
@@ -46,7 +68,9 @@ class TextEncoder(nn.Module):
     def forward(self, prompts: Sequence[str]) -> Tensor:
         ids = self.tokenizer(prompts).to(self.token_embedding.weight.device)
         x = self.token_embedding(ids) + self.position_embedding
-        return self.final_norm(self.transformer(x))
+        for layer in self.layers:
+            x = layer(x)
+        return self.final_norm(x)
 
     # ------------------------------------------------------------------ files
     def save_pretrained(self, path: str | os.PathLike) -> None:

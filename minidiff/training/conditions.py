@@ -81,9 +81,17 @@ def check_conditions(net: ConditionedUNet, conditions: Conditions, cond_drop_pro
             raise ValueError(f"the model is conditioned on {name} but the dataset items give "
                              f"{sorted(conditions) or 'no condition'}")
     extra = [name for name in conditions if name not in needed and name != "class_labels"]
+    if "prompts" in extra:
+        raise ValueError("the dataset gives prompts but no text encoder was given: pass text_encoder= (a "
+                         "minidiff.text.TextEncoder, trained with the UNet) and a UNet2DConditionModel")
     if extra:
-        raise ValueError(f"the dataset gives {extra[0]} but the model does not take it (conditioning_channels="
-                         f"{config.conditioning_channels}, text encoder: {net.text_encoder is not None})")
+        raise ValueError(f"the dataset gives {extra[0]} but the model does not take it (UNetConfig."
+                         f"conditioning_channels={config.conditioning_channels})")
+    if net.text_encoder is not None and (not config.is_conditional or
+                                         net.text_encoder.width not in config.cross_attention_dims):
+        raise ValueError(f"the text encoder's width {net.text_encoder.width} must be the UNet's cross_attention_dim "
+                         f"(a UNet2DConditionModel); this UNet is a {config.model_class}"
+                         + (f" with cross_attention_dim {config.cross_attention_dim}" if config.is_conditional else ""))
     if config.is_conditional and net.text_encoder is None and config.class_embed_type != "cross_attention":
         raise ValueError("a UNet2DConditionModel attends to a context: pass text_encoder= (prompts in the data) or "
                          "use class_embed_type='cross_attention'")

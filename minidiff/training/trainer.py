@@ -137,7 +137,7 @@ class Trainer:
             group["lr"] = lr
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = float(nn.utils.clip_grad_norm_(self.unet.parameters(), c.max_grad_norm or math.inf))
+        grad_norm = float(nn.utils.clip_grad_norm_(self.net.parameters(), c.max_grad_norm or math.inf))
         if self.scaler is None and not math.isfinite(grad_norm):  # with fp16, the scaler skips such steps
             raise self._non_finite("gradient norm", grad_norm)
         if self.scaler is not None:
@@ -147,7 +147,7 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
-            self.ema.update(self.unet)
+            self.ema.update(self.net)
         self.step += 1
         return lr, grad_norm
 

@@ -128,8 +128,13 @@ def test_conditioning_image_channels(seeded):
     assert unet(x, 3, conditioning_image=cond).shape == (2, 3, 8, 8)
     with pytest.raises(ValueError, match="conditioning_image"):
         unet(x, 3)
-    with pytest.raises(ValueError, match=r"conditioning_image: expected shape \(2, 2, 8, 8\)"):
+    with pytest.raises(ValueError, match=r"image-conditioned; expected shape \(2, 2, 8, 8\)"):
         unet(x, 3, conditioning_image=torch.randn(2, 1, 8, 8))
+    plain = minidiff.UNet.from_config(TINY).eval()
+    with pytest.raises(ValueError, match="conditioning_image was given but this UNet takes none"):
+        plain(x, 3, conditioning_image=cond)
+    with pytest.raises(ValueError, match="encoder_hidden_states were given but this UNet2DModel has no cross-attention"):
+        plain(x, 3, encoder_hidden_states=torch.randn(2, 1, 8))
 
 
 def test_bad_inputs_raise_clear_errors(seeded):

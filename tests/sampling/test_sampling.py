@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
+from conftest import TINY
+
 from minidiff import UNet
 from minidiff.sampling import sample
 from minidiff.schedulers import DDIMScheduler, DDPMScheduler
@@ -176,3 +178,26 @@ def test_bad_options(models):
         sample(model, DDPMScheduler(), eta=0.5, progress=False)
     with pytest.raises(ValueError, match="num_inference_steps=2000"):
         sample(model, DDIMScheduler(), num_inference_steps=2000, progress=False)
+
+
+def test_image_conditioned_sampling_guides_against_the_zero_image():
+    """conditioning_image reaches the unet in the single guidance mechanism: w = 1 is plain conditional
+    sampling, w != 1 one batched forward per step whose second half sees the all-zero image."""
+    torch.manual_seed(0)
+    unet = UNet.from_config({**TINY, "conditioning_channels": 3}).eval()
+    scheduler = DDIMScheduler(num_train_timesteps=50)
+    condition = torch.rand(2, 3, 8, 8)
+    seen = []
+    unet.register_forward_hook(lambda module, args, kwargs, out: seen.append(kwargs["conditioning_image"]),
+                               with_kwargs=True)
+    kwargs = dict(conditioning_image=condition, num_inference_steps=2, progress=False)
+    plain = sample(unet, scheduler, generator=torch.Generator().manual_seed(1), **kwargs)
+    same = sample(unet, scheduler, generator=torch.Generator().manual_seed(1), guidance_scale=1.0, **kwargs)
+    assert plain.shape == (2, 3, 8, 8) and torch.equal(plain, same)
+    seen.clear()
+    sample(unet, scheduler, guidance_scale=2.0, **kwargs)
+    assert len(seen) == 2 and all(c.shape[0] == 4 for c in seen)
+    assert torch.equal(seen[0][:2], condition) and seen[0][2:].abs().sum() == 0
+    with pytest.raises(ValueError, match="image-conditioned; expected shape"):
+        sample(unet, scheduler, conditioning_image=torch.rand(2, 1, 8, 8), num_inference_steps=1,
+                        progress=False)
