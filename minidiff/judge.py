@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from .data import (COLOURS, DATASET_NAMES, SHAPES, TORCHVISION_DATASETS, CaptionedShapes, Digits, ShapeLabels, Shapes,
+from .data import (COLOURS, DATASET_NAMES, SHAPES, SIZES, TORCHVISION_DATASETS, CaptionedShapes, Digits, ShapeLabels, Shapes,
                    load_dataset, random_translate)
 from .files import atomic_path, cache_dir
 
@@ -256,14 +256,31 @@ def judge_samples(unet: nn.Module, scheduler, judge: Judge, *, samples_per_class
 
 
 # ---------------------------------------------------------------------------------- captioned shapes
-def colour_names(images: Tensor, min_value: float = 0.5, min_saturation: float = 0.4) -> list[str | None]:
+def _bright_pixels(images: Tensor, min_value: float = 0.5, min_saturation: float = 0.4) -> tuple[Tensor, Tensor]:
+    """(RGB in [0, 1], the 0/1 mask of bright, saturated pixels) of (B, 3, H, W) images in [-1, 1]."""
+    rgb = (images.float().clamp(-1, 1) + 1) / 2
+    high, low = rgb.amax(1), rgb.amin(1)
+    return rgb, ((high >= min_value) & (high - low >= min_saturation * high)).float()
+
+
+# area of each shape over its radius squared, as minidiff.data.embedded draws them
+SHAPE_AREA = {"circle": math.pi, "square": 1.7**2, "triangle": 3 * math.sqrt(3) * 0.65**2}
+
+
+def size_names(images: Tensor, shapes: list[str]) -> list[str]:
+    """"small" or "large" (SIZES) of each image's shape: its radius from the bright pixels' area and the
+    shape's area factor, against the middle of the drawn range (0.225 of the image size)."""
+    _, bright = _bright_pixels(images)
+    radius = torch.tensor([area / SHAPE_AREA[s] for area, s in zip(bright.sum((1, 2)).tolist(), shapes)]).sqrt()
+    return [SIZES[int(r >= 0.225 * images.shape[-1])] for r in radius.tolist()]
+
+
+def colour_names(images: Tensor) -> list[str | None]:
     """The colour (one of COLOURS, hue bins centred on 0, 60, ..., 300 degrees) of each image's bright,
     saturated pixels (B, 3, H, W in [-1, 1]): the circular mean of their hues, atan2(sqrt(3) (G - B),
     2R - G - B); None for an image without such pixels."""
-    rgb = (images.float().clamp(-1, 1) + 1) / 2
+    rgb, weight = _bright_pixels(images)
     r, g, b = rgb.unbind(1)
-    high, low = rgb.amax(1), rgb.amin(1)
-    weight = ((high >= min_value) & (high - low >= min_saturation * high)).float()
     angle = torch.atan2(math.sqrt(3) * (g - b), 2 * r - g - b)
     x, y = (weight * angle.cos()).sum((1, 2)), (weight * angle.sin()).sum((1, 2))
     bins = torch.round(torch.atan2(y, x) / (math.pi / 3)).long() % len(COLOURS)

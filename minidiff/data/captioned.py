@@ -18,6 +18,7 @@ ALL_PAIRS = tuple(itertools.product(COLOURS, SHAPES))
 PAIR_SPLITS = {"train": tuple(p for p in ALL_PAIRS if p not in HELD_OUT_PAIRS), "held_out": HELD_OUT_PAIRS,
                "all": ALL_PAIRS}
 HUE_SPREAD = 15.0  # degrees either side of the colour's bin centre
+SIZES = ("small", "large")  # the shape's radius in the lower or upper half of its range (a class label)
 
 
 def caption(colour: str, shape: str) -> str:
@@ -28,9 +29,11 @@ class CaptionedShapes(Dataset):
     """``(image (3, H, W) in [-1, 1], caption)``; item ``index`` shows pair ``pairs[index % len(pairs)]`` of the
     split (``"train"``: the 15 seen pairs, ``"held_out"``: the 3 others, ``"all"``) at a random position, size
     and rotation, with hue within +-15 degrees of the colour's centre, saturation >= 0.75, value >= 0.8, on a
-    dark background: a pure function of ``(seed, split, index)``."""
+    dark background: a pure function of ``(seed, split, index)``. With ``size_labels`` items are dicts
+    ``{"image", "prompts": caption, "class_labels": size}`` (0 small, 1 large): two conditions at once."""
 
-    def __init__(self, image_size: int = 32, split: str = "train", num_samples: int = 10_000, seed: int = 0):
+    def __init__(self, image_size: int = 32, split: str = "train", num_samples: int = 10_000, seed: int = 0,
+                 size_labels: bool = False):
         if split not in PAIR_SPLITS:
             raise ValueError(f"split must be one of {tuple(PAIR_SPLITS)}, got {split!r}")
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or not 0 < num_samples < 2**31:
@@ -38,7 +41,7 @@ class CaptionedShapes(Dataset):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {seed!r}")
         self.image_size, self.split, self.num_samples, self.seed = _check_size(image_size), split, num_samples, seed
-        self.pairs = PAIR_SPLITS[split]
+        self.pairs, self.size_labels = PAIR_SPLITS[split], bool(size_labels)
         self.captions = [caption(*pair) for pair in self.pairs]
 
     def __len__(self) -> int:
@@ -48,7 +51,7 @@ class CaptionedShapes(Dataset):
         """(colour, shape) of item ``index``."""
         return self.pairs[index % len(self.pairs)]
 
-    def __getitem__(self, index: int) -> tuple[Tensor, str]:
+    def __getitem__(self, index: int) -> tuple[Tensor, str] | dict:
         if not 0 <= index < self.num_samples:
             raise IndexError(f"index {index} out of range for {self.num_samples} samples")
         item_seed = (index + 0x9E3779B9 * (self.seed * len(PAIR_SPLITS) + list(PAIR_SPLITS).index(self.split))) % 2**32
@@ -58,8 +61,10 @@ class CaptionedShapes(Dataset):
         foreground = _hsv(hue, 0.75 + 0.25 * u[9], 0.8 + 0.2 * u[10])
         background = _hsv(u[5], 0.2 + 0.4 * u[6], 0.05 + 0.15 * u[7])
         mask = _shape_mask(SHAPES.index(shape), self.image_size, u)
-        image = torch.lerp(background[:, None, None], foreground[:, None, None], mask)
-        return image * 2 - 1, caption(colour, shape)
+        image = torch.lerp(background[:, None, None], foreground[:, None, None], mask) * 2 - 1
+        if self.size_labels:
+            return {"image": image, "prompts": caption(colour, shape), "class_labels": int(u[2] >= 0.5)}
+        return image, caption(colour, shape)
 
 
 class ShapeLabels(Dataset):
@@ -75,4 +80,5 @@ class ShapeLabels(Dataset):
         return len(self.captioned)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        return self.captioned[index][0], SHAPES.index(self.captioned.pair(index)[1])
+        item = self.captioned[index]
+        return item["image"] if isinstance(item, dict) else item[0], SHAPES.index(self.captioned.pair(index)[1])
