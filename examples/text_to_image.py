@@ -64,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--samples_per_prompt", type=int, default=20, help="judged samples per pair and scale")
     p.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--results_file", default="results.json", help="file name of the judged results")
     p.add_argument("--size_classes", action="store_true", help="also condition on a size class (small/large)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --output_dir")
     p.add_argument("--retrain", action="store_true", help="train again even if --output_dir holds a model")
@@ -196,8 +197,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.retrain or args.resume or not trained(folder):
         train_seconds = train_model(args)
     results = {"train_seconds": train_seconds and round(train_seconds, 1), **judge_pairs(args, folder)}
-    write_json(folder / "results.json", results)
-    print(f"wrote {folder / 'grid.png'} and {folder / 'results.json'}")
+    write_json(folder / args.results_file, results)
+    print(f"wrote {folder / 'grid.png'} and {folder / args.results_file}")
     return results
 
 

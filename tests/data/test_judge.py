@@ -1,8 +1,10 @@
+import math
+
 import pytest
 import torch
 from torch.utils.data import Subset
 
-from minidiff.data import Digits
+from minidiff.data import Digits, Shapes
 from minidiff.judge import JUDGE_VERSION, Judge, JudgeReport, default_cache_dir
 
 
@@ -105,3 +107,59 @@ def test_save_load_round_trip_and_corrupt_file(tmp_path):
         Judge.load(tmp_path / "bad.safetensors")
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         Judge.load(tmp_path / "missing.safetensors")
+
+
+# ---------------------------------------------------------------------------------- captioned shapes
+def test_captioned_shapes_hold_out_three_pairs():
+    from minidiff.data import HELD_OUT_PAIRS, CaptionedShapes
+
+    train = CaptionedShapes(16, "train", 30)
+    held = CaptionedShapes(16, "held_out", 6)
+    assert len(train.pairs) == 15 and not set(train.pairs) & set(HELD_OUT_PAIRS)
+    assert {held.pair(i) for i in range(6)} == set(HELD_OUT_PAIRS)
+    image, caption = train[4]
+    assert image.shape == (3, 16, 16) and caption == "a yellow triangle" and -1 <= image.min() <= image.max() <= 1
+    item = CaptionedShapes(16, "train", 30, size_labels=True)[4]
+    assert torch.equal(item["image"], image) and item["prompts"] == caption and item["class_labels"] in (0, 1)
+    with pytest.raises(ValueError, match="split must be one of"):
+        CaptionedShapes(16, "test")
+
+
+def test_colour_and_size_are_read_from_the_bright_pixels():
+    from minidiff.data import CaptionedShapes
+    from minidiff.judge import colour_names, size_names
+
+    data = CaptionedShapes(32, "all", 180, seed=3, size_labels=True)
+    items = [data[i] for i in range(180)]
+    images = torch.stack([item["image"] for item in items])
+    assert colour_names(images) == [item["prompts"].split()[1] for item in items]
+    sizes = size_names(images, [item["prompts"].split()[2] for item in items])
+    assert sum(s == ("small", "large")[item["class_labels"]] for s, item in zip(sizes, items)) >= 175
+    assert colour_names(torch.full((1, 3, 8, 8), -0.8)) == [None]  # nothing bright: no colour
+
+
+def test_caption_judge_scores_shape_colour_and_both():
+    from minidiff.data import CaptionedShapes, ShapeLabels
+    from minidiff.judge import CaptionJudge
+
+    judge = CaptionJudge(Judge.train(ShapeLabels(CaptionedShapes(16, "all", 300)), epochs=4))
+    data = CaptionedShapes(16, "all", 36, seed=1)
+    images = torch.stack([data[i][0] for i in range(36)])
+    right = judge.score(images, [data[i][1] for i in range(36)])
+    wrong_colour = judge.score(images, [data[(i + 3) % 36][1] for i in range(36)])  # another colour, same shape
+    assert right.colour == 1.0 and wrong_colour.colour == 0.0 and wrong_colour.shape == right.shape
+    assert right.both == right.shape and right.count == 36
+    with pytest.raises(ValueError, match="exactly one colour"):
+        judge.score(images[:1], ["a circle"])
+    with pytest.raises(ValueError, match="must tell"):
+        CaptionJudge(Judge.train(Shapes(16, 30, kind="stripes"), epochs=1))
+
+
+def test_psnr_and_high_frequency_energy():
+    from minidiff.judge import high_frequency_energy, psnr
+
+    x = torch.rand(2, 3, 16, 16) * 1.6 - 0.8  # x + 0.1 stays inside [-1, 1]
+    assert torch.allclose(psnr(x + 0.1, x), torch.full((2,), 10 * math.log10(4 / 0.01)), atol=1e-3)
+    smooth = torch.nn.functional.avg_pool2d(x, 3, 1, 1)
+    assert (high_frequency_energy(smooth) < high_frequency_energy(x) / 4).all()
+    assert high_frequency_energy(torch.zeros(1, 3, 8, 8)).item() == 0
