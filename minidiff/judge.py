@@ -258,6 +258,9 @@ def judge_samples(unet: nn.Module, scheduler, judge: Judge, *, samples_per_class
 # ---------------------------------------------------------------------------------- captioned shapes
 def _bright_pixels(images: Tensor, min_value: float = 0.5, min_saturation: float = 0.4) -> tuple[Tensor, Tensor]:
     """(RGB in [0, 1], the 0/1 mask of bright, saturated pixels) of (B, 3, H, W) images in [-1, 1]."""
+    if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != 3:
+        got = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+        raise ValueError(f"expected RGB images of shape (B, 3, H, W), got {got}")
     rgb = (images.float().clamp(-1, 1) + 1) / 2
     high, low = rgb.amax(1), rgb.amin(1)
     return rgb, ((high >= min_value) & (high - low >= min_saturation * high)).float()

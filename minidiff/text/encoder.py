@@ -91,8 +91,8 @@ class TextEncoder(nn.Module):
             raise ValueError(f"{folder / CONFIG_NAME}: not a {cls.__name__} config")
         try:
             encoder = cls(**config)
-        except TypeError as err:
-            raise ValueError(f"{folder / CONFIG_NAME}: {err}") from None
+        except (TypeError, ValueError) as err:  # unknown or missing keys, bad values
+            raise ValueError(f"{folder / CONFIG_NAME}: not a valid TextEncoder config ({err})") from None
         encoder.load_weights(folder)
         return encoder.eval()
 

@@ -24,6 +24,8 @@ class WordTokenizer:
     vocabulary or a prompt longer than ``max_length - 1`` words raises ValueError naming it."""
 
     def __init__(self, vocabulary: Sequence[str], max_length: int):
+        if isinstance(vocabulary, str) or not isinstance(vocabulary, Sequence):
+            raise TypeError(f"vocabulary must be a list of words, got {type(vocabulary).__name__}")
         vocabulary = list(vocabulary)
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
             raise ValueError(f"max_length={max_length!r} must be an int >= 2 (the start token and a word)")

@@ -136,6 +136,8 @@ def test_colour_and_size_are_read_from_the_bright_pixels():
     sizes = size_names(images, [item["prompts"].split()[2] for item in items])
     assert sum(s == ("small", "large")[item["class_labels"]] for s, item in zip(sizes, items)) >= 175
     assert colour_names(torch.full((1, 3, 8, 8), -0.8)) == [None]  # nothing bright: no colour
+    with pytest.raises(ValueError, match=r"RGB images of shape \(B, 3, H, W\), got \(1, 1, 8, 8\)"):
+        colour_names(torch.zeros(1, 1, 8, 8))
 
 
 def test_caption_judge_scores_shape_colour_and_both():

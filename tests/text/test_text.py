@@ -71,6 +71,11 @@ def test_encoder_loading_is_strict(tmp_path):
     (tmp_path / "b" / "config.json").write_text('{"_class_name": "UNet2DModel"}')
     with pytest.raises(ValueError, match="not a TextEncoder config"):
         TextEncoder.from_pretrained(tmp_path / "b")
+    (tmp_path / "b" / "config.json").write_text('{"_class_name": "TextEncoder", "vocabulary": ["A!"], "max_length": 4}')
+    with pytest.raises(ValueError, match="not a valid TextEncoder config.*distinct lower-case words"):
+        TextEncoder.from_pretrained(tmp_path / "b")
+    with pytest.raises(TypeError, match="vocabulary must be a list of words"):
+        TextEncoder("red blue")
     with pytest.raises(ValueError, match="heads=3 must divide width=16"):
         TextEncoder(["a"], width=16, heads=3)
 

@@ -21,14 +21,6 @@ TEXT_UNET = dict(_class_name="UNet2DConditionModel", sample_size=8, in_channels=
                  mid_block_type="UNetMidBlock2DCrossAttn", cross_attention_dim=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Captioned(Dataset):
     def __init__(self, n: int = 16, labels: bool = False):
         g = torch.Generator().manual_seed(0)

@@ -30,15 +30,6 @@ from minidiff.training import TrainConfig, Trainer, lr_factor, train
 FAST = dict(batch_size=4, log_samples_every=0, save_model_every=0, progress=False, lr=1e-3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: one thread is fastest, and immune to a busy machine's thread contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_unet(seed: int = 0, **changes) -> minidiff.UNet:
     torch.manual_seed(seed)
     return minidiff.UNet(minidiff.UNetConfig.from_dict({**TINY, **changes}))
