@@ -4,7 +4,9 @@ An image-conditioned UNet (SR3, Saharia et al. 2021): the low-resolution crop, u
 is concatenated to the noisy image as three extra input channels. The training crops come from the left 70%
 of scikit-image's photographs, the judged ones from the held-out right 30%. The low-resolution images are
 4x4 block averages. Conditions are dropped to an all-zero image 10% of the time, so classifier-free guidance
-works as for class labels and text. At the end, on held-out crops, against bicubic upsampling:
+works as for class labels and text. Sampling also passes ``low_resolution=``, which projects every step's
+predicted image onto those that average down to the input (DDNM); the plain conditional model is measured
+too. At the end, on held-out crops, against bicubic upsampling:
 
 - consistency: RMSE between the output averaged back to 8x8 and the input (how faithful it is);
 - realism: the high-frequency (Laplacian) energy relative to the real crops' (1 = as sharp as real), and the
@@ -16,7 +18,7 @@ works as for class labels and text. At the end, on held-out crops, against bicub
     python examples/super_resolution.py --resume         # continue an interrupted run
 
 Writes to --output_dir: the pipeline (unet/, scheduler/: minidiff.load_pipeline reads it), grid.png
-(low-res | bicubic | minidiff | real), results.json and the training log.
+(low-res | bicubic | minidiff | minidiff with consistency | real), results.json and the training log.
 """
 from __future__ import annotations
 
@@ -123,22 +125,24 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"train_seconds": train_seconds and round(train_seconds, 1), "num_test": len(real),
                "bicubic": measure(bicubic, low, real)}
     outputs = {}
-    for w in args.guidance_scales:
+    runs = [(args.guidance_scales[0], False)] + [(w, True) for w in args.guidance_scales]
+    for w, consistent in runs:
         start = time.perf_counter()
-        outputs[w] = torch.cat([
-            minidiff.sample(unet, ddim, conditioning_image=chunk, guidance_scale=w, progress=False,
-                            num_inference_steps=args.num_inference_steps,
+        name = f"minidiff_w{w:g}" + ("_consistent" if consistent else "")
+        outputs[name] = torch.cat([
+            minidiff.sample(unet, ddim, conditioning_image=upsample(chunk, FACTOR), guidance_scale=w, progress=False,
+                            low_resolution=chunk if consistent else None, num_inference_steps=args.num_inference_steps,
                             generator=torch.Generator().manual_seed(args.seed + i))
-            for i, chunk in enumerate(bicubic.split(128))])
-        results[f"minidiff_w{w:g}"] = {**measure(outputs[w], low, real),
-                                      "sample_seconds": round(time.perf_counter() - start, 1)}
+            for i, chunk in enumerate(low.split(128))])
+        results[name] = {**measure(outputs[name], low, real), "sample_seconds": round(time.perf_counter() - start, 1)}
     for name, row in results.items():
         if isinstance(row, dict):
-            print(f"{name:>14}: consistency RMSE {row['consistency_rmse']:.4f}, HF energy {row['hf_energy_ratio']:.2f}"
+            print(f"{name:>24}: consistency RMSE {row['consistency_rmse']:.4f}, HF energy {row['hf_energy_ratio']:.2f}"
                   f" of real, FD {row['frechet_distance']:.4f}, PSNR {row['psnr_db']:.2f} dB")
     w = args.guidance_scales[0]
     save_grid({"8x8 input": F.interpolate(low, scale_factor=FACTOR, mode="nearest"), "bicubic": bicubic,
-               f"minidiff (w={w:g})": outputs[w], "real": real}, folder / "grid.png")
+               f"minidiff (w={w:g})": outputs[f"minidiff_w{w:g}"],
+               "+ consistency": outputs[f"minidiff_w{w:g}_consistent"], "real": real}, folder / "grid.png")
     write_json(folder / "results.json", results)
     print(f"wrote {folder / 'grid.png'} and {folder / 'results.json'}")
     return results

@@ -50,16 +50,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output_dir", default="outputs/text_to_image")
     p.add_argument("--prompt", action="append", help="sample these prompts from the trained model (repeatable); "
                                                      "without it: every pair, judged")
-    p.add_argument("--max_steps", type=int, default=1500, help="optimizer steps (the training budget)")
+    p.add_argument("--max_steps", type=int, default=1400, help="optimizer steps (the training budget)")
     p.add_argument("--max_minutes", type=float, default=15.0, help="stop training after this many minutes")
     p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup_steps", type=int, default=100)
     p.add_argument("--ema_decay", type=float, default=0.995)
     p.add_argument("--cond_drop_prob", type=float, default=0.1, help="caption dropout to the empty prompt")
     p.add_argument("--widths", type=int, nargs="+", default=[16, 32, 64], help="UNet block_out_channels")
     p.add_argument("--text_width", type=int, default=64, help="text encoder width = cross-attention dim")
-    p.add_argument("--guidance_scales", type=float, nargs="+", default=[1.0, 3.0, 5.0],
+    p.add_argument("--guidance_scales", type=float, nargs="+", default=[1.0, 3.0, 5.0, 7.5],
                    help="classifier-free guidance scales judged; the grid uses the best")
     p.add_argument("--samples_per_prompt", type=int, default=20, help="judged samples per pair and scale")
     p.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps")

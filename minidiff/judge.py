@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 
 from .data import (COLOURS, DATASET_NAMES, SHAPES, SIZES, TORCHVISION_DATASETS, CaptionedShapes, Digits, ShapeLabels, Shapes,
                    load_dataset, random_translate)
+from .data.captioned import RADIUS_RANGE
 from .files import atomic_path, cache_dir
 
 JUDGE_VERSION = "1"  # part of the cache key: bump when the network or its training changes
@@ -272,10 +273,11 @@ SHAPE_AREA = {"circle": math.pi, "square": 1.7**2, "triangle": 3 * math.sqrt(3) 
 
 def size_names(images: Tensor, shapes: list[str]) -> list[str]:
     """"small" or "large" (SIZES) of each image's shape: its radius from the bright pixels' area and the
-    shape's area factor, against the middle of the drawn range (0.225 of the image size)."""
+    shape's area factor, against the middle of the drawn range."""
     _, bright = _bright_pixels(images)
     radius = torch.tensor([area / SHAPE_AREA[s] for area, s in zip(bright.sum((1, 2)).tolist(), shapes)]).sqrt()
-    return [SIZES[int(r >= 0.225 * images.shape[-1])] for r in radius.tolist()]
+    middle = sum(RADIUS_RANGE) / 2 * images.shape[-1]
+    return [SIZES[int(r >= middle)] for r in radius.tolist()]
 
 
 def colour_names(images: Tensor) -> list[str | None]:

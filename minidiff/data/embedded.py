@@ -131,12 +131,15 @@ def _coverage(distance: Tensor) -> Tensor:
     return (0.5 - distance).clamp(0, 1)
 
 
-def _shape_mask(label: int, size: int, u: Tensor) -> Tensor:
-    """Circle, square or triangle at a random centre, radius and rotation; ``u`` holds uniforms."""
+def _shape_mask(label: int, size: int, u: Tensor, radius_range: tuple[float, float] = (0.15, 0.3),
+                centre_range: tuple[float, float] = (0.3, 0.7)) -> Tensor:
+    """Circle, square or triangle at a random centre, radius and rotation (ranges as fractions of the image
+    size); ``u`` holds uniforms."""
     pixels = torch.arange(size, dtype=torch.float32) + 0.5
     y, x = torch.meshgrid(pixels, pixels, indexing="ij")
-    cx, cy = size * (0.3 + 0.4 * u[0]), size * (0.3 + 0.4 * u[1])
-    radius, angle = size * (0.15 + 0.15 * u[2]), 2 * math.pi * u[3]
+    (c0, c1), (r0, r1) = centre_range, radius_range
+    cx, cy = size * (c0 + (c1 - c0) * u[0]), size * (c0 + (c1 - c0) * u[1])
+    radius, angle = size * (r0 + (r1 - r0) * u[2]), 2 * math.pi * u[3]
     cos, sin = torch.cos(angle), torch.sin(angle)
     dx, dy = cos * (x - cx) + sin * (y - cy), cos * (y - cy) - sin * (x - cx)
     if label == 0:

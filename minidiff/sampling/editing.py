@@ -8,8 +8,10 @@
 - inpainting: after every step, the pixels where ``mask`` is 0 are replaced by the images noised to the
   next timestep with the starting noise, and by the images themselves after the last step (the replacement
   of RePaint, Lugmayr et al. 2022, without its resampling jumps; as diffusers' inpainting pipelines do).
-``minidiff.sample`` does img2img and inpainting with ``init_images``, ``strength`` and ``mask``; every
-sampler, guide and classifier-free guidance works with them.
+- super-resolution consistency: after every step the low frequencies of the predicted x0 are made those of a
+  low-resolution image (DDNM, Wang et al. 2023), so that the result averages down to it exactly.
+``minidiff.sample`` does img2img and inpainting with ``init_images``, ``strength`` and ``mask``, and the
+consistency with ``low_resolution``; every sampler, guide and classifier-free guidance works with them.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -77,6 +80,34 @@ class ImageEdit:
             return x
         known = self.images if next_t is None else scheduler.add_noise(self.images, self.noise, next_t)
         return torch.lerp(known, x, self.mask)  # exactly ``known`` where the mask is 0, ``x`` where 1
+
+
+@dataclass(frozen=True)
+class LowResolution:
+    """The low-resolution images ``y`` (B, C, H / factor, W / factor) the samples must average down to, with
+    A = factor x factor block averaging and its pseudo-inverse A+ = nearest upsampling (A A+ = I). DDNM's
+    null-space projection of the predicted x0, x0 <- x0 + A+(y - A x0), moved onto the step's result:
+    x_prev <- x_prev + sqrt(alpha_bar_prev) A+(y - A x0) (exactly DDNM for DDIM with eta 0); after the last
+    step A(x) = y."""
+    images: Tensor
+    factor: int
+
+    @classmethod
+    def check(cls, low: Tensor, x: Tensor) -> "LowResolution":
+        low = check_images(low, x.shape[1], "low_resolution")
+        height, width = x.shape[2:]
+        factor = height // low.shape[2] if low.shape[2] else 0
+        if low.shape[0] != x.shape[0] or factor < 1 or (low.shape[2] * factor, low.shape[3] * factor) != (height, width):
+            raise ValueError(f"low_resolution has shape {tuple(low.shape)}; expected ({x.shape[0]}, {x.shape[1]}, "
+                             f"h, w) with the samples' {height}x{width} an integer multiple f of h x w")
+        return cls(low.to(x), factor)
+
+    def project(self, scheduler: Scheduler, out: SchedulerOutput, next_t: Tensor | None) -> Tensor:
+        """The step's ``prev_sample`` made consistent with the low-resolution images (see the class)."""
+        residual = self.images - F.avg_pool2d(out.pred_original_sample, self.factor)
+        correction = F.interpolate(residual, scale_factor=self.factor, mode="nearest")
+        scale = 1.0 if next_t is None else scheduler.alphas_cumprod[next_t.cpu()].sqrt().item()
+        return out.prev_sample + scale * correction
 
 
 def _check_mask(mask: Tensor, images: Tensor) -> Tensor:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..schedulers import DDIMScheduler, Generator, MultistepOutput, Scheduler, SchedulerOutput, randn
 from .denoiser import denoiser
-from .editing import ImageEdit, check_images
+from .editing import ImageEdit, LowResolution, check_images
 from .guidance import Guide, guided_predictor
 
 Callback = Callable[[int, Tensor, Tensor, SchedulerOutput], None]
@@ -81,7 +81,8 @@ def sample(unet: nn.Module, scheduler: Scheduler, *, batch_size: int | None = No
            guidance_scale: float = 1.0, null_class_label: int | None = None,
            uncond_encoder_hidden_states: Tensor | None = None, guides: Sequence[Guide] = (),
            guide_through_unet: bool = False, init_images: Tensor | None = None, strength: float = 1.0,
-           mask: Tensor | None = None, conditioning_image: Tensor | None = None) -> Tensor:
+           mask: Tensor | None = None, conditioning_image: Tensor | None = None,
+           low_resolution: Tensor | None = None) -> Tensor:
     """Generate ``batch_size`` samples in [-1, 1] (unclamped; images are ``(x / 2 + 0.5).clamp(0, 1)``) with a
     DDPM, DDIM or DPM-Solver scheduler; ``batch_size`` defaults to the batch of ``noise``, ``init_images`` or
     ``conditioning_image``, else 1; a conditioning image also sets the samples' height and width.
@@ -104,7 +105,8 @@ def sample(unet: nn.Module, scheduler: Scheduler, *, batch_size: int | None = No
 
     ``init_images`` (B, C, H, W) in [-1, 1] edit images (see minidiff.sampling.editing): ``strength`` in
     [0, 1] picks the timestep to start from (img2img; 0 returns the images), ``mask`` (1 = generate,
-    0 = keep) inpaints; the noise x_T (drawn or given) noises the images.
+    0 = keep) inpaints; the noise x_T (drawn or given) noises the images. ``low_resolution`` (B, C, H/f, W/f)
+    makes the samples average down (f x f blocks) to it exactly: super-resolution consistency (DDNM).
     """
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
             or not math.isfinite(guidance_scale):
@@ -127,6 +129,7 @@ def sample(unet: nn.Module, scheduler: Scheduler, *, batch_size: int | None = No
         x = edit.start(scheduler, timesteps[0].to(x.device))
     elif strength != 1.0 or mask is not None:
         raise ValueError("strength and mask edit init_images; pass init_images too")
+    consistency = None if low_resolution is None else LowResolution.check(low_resolution, x)
     # no_grad, not inference_mode: guides re-enable autograd inside predict.
     with torch.no_grad():
         for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress)):
@@ -135,8 +138,10 @@ def sample(unet: nn.Module, scheduler: Scheduler, *, batch_size: int | None = No
                                  generator=generator, **options)
             if isinstance(out, MultistepOutput):  # the loop carries a multistep solver's history
                 options["history"] = out.history
+            next_t = timesteps[i + 1].to(x.device) if i + 1 < len(timesteps) else None
+            if consistency is not None:
+                out = dataclasses.replace(out, prev_sample=consistency.project(scheduler, out, next_t))
             if edit is not None and edit.mask is not None:
-                next_t = timesteps[i + 1].to(x.device) if i + 1 < len(timesteps) else None
                 out = dataclasses.replace(out, prev_sample=edit.keep_known(scheduler, out.prev_sample, next_t))
             if callback is not None:
                 callback(i, t, x, out)

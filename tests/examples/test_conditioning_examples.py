@@ -53,7 +53,8 @@ def test_super_resolution_example_measures_against_bicubic(tmp_path):
         "--output_dir", str(tmp_path), "--max_steps", "2", "--batch_size", "4", "--warmup_steps", "1",
         "--widths", "8", "16", "--num_test", "8", "--num_inference_steps", "2", "--guidance_scales", "1", "2"])
     assert json.loads((tmp_path / "results.json").read_text()) == results
-    assert set(results) == {"train_seconds", "num_test", "bicubic", "minidiff_w1", "minidiff_w2"}
+    assert set(results) == {"train_seconds", "num_test", "bicubic", "minidiff_w1", "minidiff_w1_consistent",
+                            "minidiff_w2_consistent"}
     for name in ("bicubic", "minidiff_w1"):
         assert {"consistency_rmse", "hf_energy_ratio", "frechet_distance", "psnr_db"} <= set(results[name])
     assert (tmp_path / "grid.png").read_bytes().startswith(b"\x89PNG")

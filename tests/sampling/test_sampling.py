@@ -12,7 +12,7 @@ from conftest import TINY
 
 from minidiff import UNet
 from minidiff.sampling import sample
-from minidiff.schedulers import DDIMScheduler, DDPMScheduler
+from minidiff.schedulers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 BATCH = 2
 # The two UNets run different, equally exact convolution kernels (minidiff's CPU inference is channels_last,
@@ -201,3 +201,24 @@ def test_image_conditioned_sampling_guides_against_the_zero_image():
     with pytest.raises(ValueError, match="image-conditioned; expected shape"):
         sample(unet, scheduler, conditioning_image=torch.rand(2, 1, 8, 8), num_inference_steps=1,
                         progress=False)
+
+
+@pytest.mark.parametrize("scheduler", [DDIMScheduler(num_train_timesteps=50), DDPMScheduler(num_train_timesteps=50),
+                                       DPMSolverMultistepScheduler(num_train_timesteps=50)], ids=type)
+def test_low_resolution_consistency_makes_samples_average_down_to_it(scheduler):
+    torch.manual_seed(0)
+    unet = UNet.from_config({**TINY, "sample_size": 16, "conditioning_channels": 3}).eval()
+    low = torch.rand(2, 3, 4, 4) * 2 - 1
+    condition = torch.nn.functional.interpolate(low, scale_factor=4)
+    plain = sample(unet, scheduler, conditioning_image=condition, num_inference_steps=4, progress=False,
+                   generator=torch.Generator().manual_seed(0))
+    x = sample(unet, scheduler, conditioning_image=condition, low_resolution=low, num_inference_steps=4, progress=False,
+               generator=torch.Generator().manual_seed(0))
+    down = lambda images: torch.nn.functional.avg_pool2d(images, 4)  # noqa: E731
+    assert (down(x) - low).abs().max() < 1e-4 < (down(plain) - low).abs().max()
+    with pytest.raises(ValueError, match=r"low_resolution has shape \(2, 3, 5, 5\)"):
+        sample(unet, scheduler, conditioning_image=condition, low_resolution=torch.zeros(2, 3, 5, 5),
+               num_inference_steps=1, progress=False)
+    with pytest.raises(ValueError, match="low_resolution must be a"):
+        sample(unet, scheduler, conditioning_image=condition, low_resolution=torch.zeros(2, 1, 4, 4),
+               num_inference_steps=1, progress=False)
