@@ -45,7 +45,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", nargs="+", type=int, default=[20, 50])
     p.add_argument("--samples_per_class", type=int, default=20)
     p.add_argument("--text_samples", type=int, default=100, help="samples per pair at the best guidance scale")
-    p.add_argument("--work_dir", default="outputs/bench_conditioning")
+    p.add_argument("--work_dir", default="outputs", help="where the examples write (and the models are reused from)")
     p.add_argument("--retrain", action="store_true", help="train again even if a model exists in --work_dir")
     p.add_argument("--train_args", default="", help="extra flags for examples/class_conditioned.py")
     return p.parse_args()
@@ -85,7 +85,7 @@ def class_rows(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
     judge = Judge.for_dataset("digits", image_size=16)
     rows = []
     for mode in args.modes:
-        out = Path(args.work_dir) / mode
+        out = Path(args.work_dir) / "bench_conditioning" / mode
         trained = run_example("class_conditioned.py", out, "metrics.json", args.retrain, "--conditioning", mode,
                               "--samples_per_class", "1", *args.train_args.split())
         unet, scheduler = minidiff.load_pipeline(out)
@@ -112,7 +112,7 @@ def class_rows(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
 
 def text_rows(args: argparse.Namespace, size_classes: bool) -> tuple[dict, list[str]]:
     """The example's scan of guidance scales, then its best scale again with ``--text_samples`` per pair."""
-    out = Path(args.work_dir) / ("text_size" if size_classes else "text")
+    out = Path(args.work_dir) / ("text_and_size" if size_classes else "text_to_image")
     extra = ["--size_classes"] if size_classes else []
     scan = run_example("text_to_image.py", out, "results.json", args.retrain, *extra)
     best = scan["best_guidance_scale"]

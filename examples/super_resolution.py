@@ -36,7 +36,7 @@ from torch import Tensor
 
 import minidiff
 from minidiff.data import Crops, SuperResolutionPairs, downsample, upsample
-from minidiff.files import atomic_path, write_json
+from minidiff.files import atomic_path, read_json, write_json
 from minidiff.judge import frechet_distance, high_frequency_energy, image_statistics, psnr
 from minidiff.models.architectures import image_conditional_config
 from minidiff.training import TrainConfig, train
@@ -112,7 +112,8 @@ def save_grid(columns: dict[str, Tensor], path: Path, rows: int = 8) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     folder = Path(args.output_dir)
-    train_seconds = None
+    previous = folder / "results.json"  # a reused model keeps the training time measured when it trained
+    train_seconds = read_json(previous).get("train_seconds") if previous.is_file() else None
     if args.retrain or args.resume or not (folder / "model_index.json").is_file():
         train_seconds = train_model(args)
     unet, scheduler = minidiff.load_pipeline(folder)

@@ -35,7 +35,7 @@ from torch import Tensor
 import minidiff
 from minidiff.data import HELD_OUT_PAIRS, SIZES, CaptionedShapes
 from minidiff.data.captioned import ALL_PAIRS, caption
-from minidiff.files import write_json
+from minidiff.files import read_json, write_json
 from minidiff.judge import CaptionJudge, size_names
 from minidiff.models.architectures import text_conditional_config
 from minidiff.text import TextEncoder, load_text_pipeline
@@ -193,7 +193,8 @@ def main(argv: list[str] | None = None) -> dict | None:
                   f"guidance {w}")
         print(f"wrote {folder / 'prompts.png'}")
         return None
-    train_seconds = None
+    previous = folder / "results.json"  # a reused model keeps the training time measured when it trained
+    train_seconds = read_json(previous).get("train_seconds") if previous.is_file() else None
     if args.retrain or args.resume or not trained(folder):
         train_seconds = train_model(args)
     results = {"train_seconds": train_seconds and round(train_seconds, 1), **judge_pairs(args, folder)}
