@@ -4,6 +4,7 @@ model composes words into pictures it never saw."""
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 from torch import Tensor
@@ -19,7 +20,8 @@ PAIR_SPLITS = {"train": tuple(p for p in ALL_PAIRS if p not in HELD_OUT_PAIRS), 
                "all": ALL_PAIRS}
 HUE_SPREAD = 15.0  # degrees either side of the colour's bin centre
 SIZES = ("small", "large")  # the shape's radius in the lower or upper half of its range (a class label)
-RADIUS_RANGE, CENTRE_RANGE = (0.2, 0.35), (0.35, 0.65)  # of the image size: shapes legible at 32x32
+# of the image size, and +-15 degrees of rotation: shapes a small model trained for minutes draws legibly at 32x32
+RADIUS_RANGE, CENTRE_RANGE, MAX_ROTATION = (0.2, 0.35), (0.35, 0.65), math.radians(15)
 
 
 def caption(colour: str, shape: str) -> str:
@@ -29,7 +31,7 @@ def caption(colour: str, shape: str) -> str:
 class CaptionedShapes(Dataset):
     """``(image (3, H, W) in [-1, 1], caption)``; item ``index`` shows pair ``pairs[index % len(pairs)]`` of the
     split (``"train"``: the 15 seen pairs, ``"held_out"``: the 3 others, ``"all"``) at a random position, size
-    (radius 0.2-0.35 of the image) and rotation, with hue within +-15 degrees of the colour's centre, saturation >= 0.75, value >= 0.8, on a
+    (radius 0.2-0.35 of the image) and rotation (up to +-15 degrees), with hue within +-15 degrees of the colour's centre, saturation >= 0.75, value >= 0.8, on a
     dark background: a pure function of ``(seed, split, index)``. With ``size_labels`` items are dicts
     ``{"image", "prompts": caption, "class_labels": size}`` (0 small, 1 large): two conditions at once."""
 
@@ -61,7 +63,7 @@ class CaptionedShapes(Dataset):
         hue = (COLOURS.index(colour) * 60 + (2 * u[8] - 1) * HUE_SPREAD) / 360 % 1
         foreground = _hsv(hue, 0.75 + 0.25 * u[9], 0.8 + 0.2 * u[10])
         background = _hsv(u[5], 0.2 + 0.4 * u[6], 0.05 + 0.15 * u[7])
-        mask = _shape_mask(SHAPES.index(shape), self.image_size, u, RADIUS_RANGE, CENTRE_RANGE)
+        mask = _shape_mask(SHAPES.index(shape), self.image_size, u, RADIUS_RANGE, CENTRE_RANGE, MAX_ROTATION)
         image = torch.lerp(background[:, None, None], foreground[:, None, None], mask) * 2 - 1
         if self.size_labels:
             return {"image": image, "prompts": caption(colour, shape), "class_labels": int(u[2] >= 0.5)}

@@ -132,14 +132,15 @@ def _coverage(distance: Tensor) -> Tensor:
 
 
 def _shape_mask(label: int, size: int, u: Tensor, radius_range: tuple[float, float] = (0.15, 0.3),
-                centre_range: tuple[float, float] = (0.3, 0.7)) -> Tensor:
-    """Circle, square or triangle at a random centre, radius and rotation (ranges as fractions of the image
-    size); ``u`` holds uniforms."""
+                centre_range: tuple[float, float] = (0.3, 0.7), max_rotation: float | None = None) -> Tensor:
+    """Circle, square or triangle at a random centre and radius (ranges as fractions of the image size),
+    rotated by a random angle (up to +-``max_rotation`` radians if given); ``u`` holds uniforms."""
     pixels = torch.arange(size, dtype=torch.float32) + 0.5
     y, x = torch.meshgrid(pixels, pixels, indexing="ij")
     (c0, c1), (r0, r1) = centre_range, radius_range
     cx, cy = size * (c0 + (c1 - c0) * u[0]), size * (c0 + (c1 - c0) * u[1])
-    radius, angle = size * (r0 + (r1 - r0) * u[2]), 2 * math.pi * u[3]
+    radius = size * (r0 + (r1 - r0) * u[2])
+    angle = 2 * math.pi * u[3] if max_rotation is None else max_rotation * (2 * u[3] - 1)
     cos, sin = torch.cos(angle), torch.sin(angle)
     dx, dy = cos * (x - cx) + sin * (y - cy), cos * (y - cy) - sin * (x - cx)
     if label == 0:
