@@ -122,7 +122,8 @@ def text_rows(args: argparse.Namespace, size_classes: bool) -> tuple[dict, list[
     rows = [(w, r, scan["samples_per_prompt"]) for w, r in scan["scales"].items()]
     rows.append((f"{best:g} (final)", final["scales"][str(best)], args.text_samples))
     size_column = size_classes and " size right |" or ""
-    lines = [f"| guidance scale | samples per pair | both right, seen pairs | both right, held-out pairs |{size_column}",
+    lines = ["| guidance scale | samples per pair | both right, seen pairs | both right, held-out pairs |"
+             + size_column,
              "|---|---|---|---|" + ("---|" if size_classes else "")]
     lines += [f"| {w} | {n} | {r['both_seen']:.1%} | {r['both_held_out']:.1%} |"
               + (f" {r['size']:.1%} |" if size_classes else "") for w, r, n in rows]

@@ -147,7 +147,8 @@ def judge_pairs(args: argparse.Namespace, folder: Path) -> dict:
     k = min(4, n // 2)  # the first half of a prompt's samples asked for small shapes, the second for large ones
     images = images[:, torch.cat([torch.arange(k), n // 2 + torch.arange(k)])] if sizes is not None else images[:, :8]
     save_grid(images, prompts, folder / "grid.png",
-              f"DDIM-{args.num_inference_steps}, guidance {best}" + ("; left small, right large" if sizes is not None else ""))
+              f"DDIM-{args.num_inference_steps}, guidance {best}"
+              + ("; left small, right large" if sizes is not None else ""))
     for r in results.values():
         del r["images"]
     return {"best_guidance_scale": float(best), "samples_per_prompt": n, "scales": results}

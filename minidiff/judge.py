@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from .data import (COLOURS, DATASET_NAMES, SHAPES, SIZES, TORCHVISION_DATASETS, CaptionedShapes, Digits, ShapeLabels, Shapes,
-                   load_dataset, random_translate)
+from .data import (COLOURS, DATASET_NAMES, SHAPES, SIZES, TORCHVISION_DATASETS, CaptionedShapes, Digits,
+                   ShapeLabels, Shapes, load_dataset, random_translate)
 from .data.captioned import RADIUS_RANGE
 from .files import atomic_path, cache_dir
 
@@ -101,7 +101,8 @@ def _splits(name: str, image_size: int, **dataset_kwargs) -> tuple[Dataset, Data
     if name in Shapes.KINDS:  # another seed draws images the judge never saw
         return Shapes(image_size, 3000, seed=0, kind=name), Shapes(image_size, 600, seed=1, kind=name)
     if name == "captioned_shapes":  # the shape of every colour, held-out pairs included
-        return tuple(ShapeLabels(CaptionedShapes(image_size, "all", n, seed=seed)) for n, seed in ((10_000, 0), (900, 1)))
+        return tuple(ShapeLabels(CaptionedShapes(image_size, "all", n, seed=seed))
+                     for n, seed in ((10_000, 0), (900, 1)))
     if name not in TORCHVISION_DATASETS:
         raise ValueError(f"no judge for dataset {name!r}; named ones: {JUDGED_DATASETS}; for other data use "
                          "Judge.train(train_set, test_set) with save() and load()")

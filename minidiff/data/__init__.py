@@ -10,7 +10,8 @@ from .paired import SuperResolutionPairs, downsample, upsample
 from .real import HELD_OUT_FRACTION, PHOTOS, REAL_DATASET_NAMES, TEXTURES, Crops, Faces, real_dataset, to_channels
 
 __all__ = ["COLOURS", "HELD_OUT_PAIRS", "SHAPES", "SIZES", "CaptionedShapes", "ShapeLabels", "SuperResolutionPairs",
-           "downsample", "upsample", "DATASET_NAMES", "HELD_OUT_FRACTION", "IMAGE_EXTENSIONS", "PHOTOS", "REAL_DATASET_NAMES", "TEXTURES",
+           "downsample", "upsample", "DATASET_NAMES", "HELD_OUT_FRACTION", "IMAGE_EXTENSIONS", "PHOTOS",
+           "REAL_DATASET_NAMES", "TEXTURES",
            "TORCHVISION_DATASETS", "Crops", "Digits", "Faces", "ImageFolder", "LabeledDataset", "Shapes",
            "TorchvisionImages", "load_dataset", "random_translate", "real_dataset", "resize_center_crop",
            "to_channels", "torchvision_dataset"]

@@ -31,9 +31,10 @@ def caption(colour: str, shape: str) -> str:
 class CaptionedShapes(Dataset):
     """``(image (3, H, W) in [-1, 1], caption)``; item ``index`` shows pair ``pairs[index % len(pairs)]`` of the
     split (``"train"``: the 15 seen pairs, ``"held_out"``: the 3 others, ``"all"``) at a random position, size
-    (radius 0.2-0.35 of the image) and rotation (up to +-15 degrees), with hue within +-15 degrees of the colour's centre, saturation >= 0.75, value >= 0.8, on a
-    dark background: a pure function of ``(seed, split, index)``. With ``size_labels`` items are dicts
-    ``{"image", "prompts": caption, "class_labels": size}`` (0 small, 1 large): two conditions at once."""
+    (radius 0.2-0.35 of the image) and rotation (up to +-15 degrees), with hue within +-15 degrees of the
+    colour's centre, saturation >= 0.75, value >= 0.8, on a dark background: a pure function of
+    ``(seed, split, index)``. With ``size_labels`` items are dicts ``{"image", "prompts": caption,
+    "class_labels": size}`` (0 small, 1 large): two conditions at once."""
 
     def __init__(self, image_size: int = 32, split: str = "train", num_samples: int = 10_000, seed: int = 0,
                  size_labels: bool = False):

@@ -1,5 +1,6 @@
-"""diffusers config.json dicts of real checkpoints' UNets (as published on the Hugging Face hub; tests prove parity on them and benchmarks time them),
-and the small class-, text- and image-conditional configs the examples train:
+"""diffusers config.json dicts of real checkpoints' UNets (as published on the Hugging Face hub; tests prove
+parity on them and benchmarks time them), and the small class-, text- and image-conditional configs the
+examples train:
 ``UNet.from_config(ARCHITECTURES["ddpm-cifar10-32"])`` builds the architecture with random weights."""
 from __future__ import annotations
 

@@ -164,7 +164,8 @@ class UNet(UsesOps, nn.Module):
                              f"{tuple(sample.shape[2:])}")
         want = (sample.shape[0], c.conditioning_channels, *sample.shape[2:])
         if conditioning_image is not None and c.conditioning_channels == 0:
-            raise ValueError("conditioning_image was given but this UNet takes none (UNetConfig.conditioning_channels=0)")
+            raise ValueError("conditioning_image was given but this UNet takes none "
+                             "(UNetConfig.conditioning_channels=0)")
         if c.conditioning_channels and (conditioning_image is None or tuple(conditioning_image.shape) != want):
             got = None if conditioning_image is None else tuple(conditioning_image.shape)
             raise ValueError(f"conditioning_image: this UNet is image-conditioned; expected shape {want} (batch, "

@@ -97,7 +97,8 @@ class LowResolution:
         low = check_images(low, x.shape[1], "low_resolution")
         height, width = x.shape[2:]
         factor = height // low.shape[2] if low.shape[2] else 0
-        if low.shape[0] != x.shape[0] or factor < 1 or (low.shape[2] * factor, low.shape[3] * factor) != (height, width):
+        if low.shape[0] != x.shape[0] or factor < 1 or \
+                (low.shape[2] * factor, low.shape[3] * factor) != (height, width):
             raise ValueError(f"low_resolution has shape {tuple(low.shape)}; expected ({x.shape[0]}, {x.shape[1]}, "
                              f"h, w) with the samples' {height}x{width} an integer multiple f of h x w")
         return cls(low.to(x), factor)

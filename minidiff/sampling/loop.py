@@ -115,7 +115,8 @@ def sample(unet: nn.Module, scheduler: Scheduler, *, batch_size: int | None = No
     shape = _shape(unet, batch_size, init_images, noise, conditioning_image)
     x = _initial_noise(shape, generator, noise, param.device, param.dtype)
     denoise = denoiser(unet, class_labels=class_labels, encoder_hidden_states=encoder_hidden_states,
-                       conditioning_image=conditioning_image, guidance_scale=guidance_scale, null_class_label=null_class_label,
+                       conditioning_image=conditioning_image, guidance_scale=guidance_scale,
+                       null_class_label=null_class_label,
                        uncond_encoder_hidden_states=uncond_encoder_hidden_states)
     predict = guided_predictor(denoise, scheduler, guides, through_unet=guide_through_unet)
     options = _step_options(scheduler, eta, use_clipped_model_output, guidance_scale)

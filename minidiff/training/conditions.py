@@ -113,8 +113,9 @@ def check_conditions(net: ConditionedUNet, conditions: Conditions, cond_drop_pro
 def drop_conditions(net: ConditionedUNet, conditions: Conditions, drop: Tensor | None,
                     device: torch.device) -> Conditions:
     """The network's conditions on ``device``, each replaced by its null where ``drop`` (B, number of
-    conditions; None: no condition dropout) is set: the last class row, an all-zero conditioning image, the empty prompt. Each condition
-    drops independently, so that a model with two learns each one alone and neither (Ho & Salimans 2022)."""
+    conditions; None: no condition dropout) is set: the last class row, an all-zero conditioning image, the
+    empty prompt. Each condition drops independently, so that a model with two learns each one alone and
+    neither (classifier-free guidance, Ho & Salimans 2022)."""
     out = {}
     for column, name in enumerate(net.condition_names()):
         value = conditions[name]

@@ -257,7 +257,8 @@ class Trainer:
         if "class_labels" in names:
             conditioning["class_labels"] = grid_labels(net.unet, 8, null_class=self.config.cond_drop_prob > 0)
         if "conditioning_image" in names:
-            conditioning["conditioning_image"] = torch.stack([f["conditioning_image"] for f in first[:8]]).to(self.device)
+            images = [f["conditioning_image"] for f in first[:8]]
+            conditioning["conditioning_image"] = torch.stack(images).to(self.device)
         if "prompts" in names:
             with torch.no_grad():
                 conditioning["encoder_hidden_states"] = net.text_encoder([f["prompts"][0] for f in first[:8]])

@@ -133,7 +133,7 @@ def test_conditioning_image_channels(seeded):
     plain = minidiff.UNet.from_config(TINY).eval()
     with pytest.raises(ValueError, match="conditioning_image was given but this UNet takes none"):
         plain(x, 3, conditioning_image=cond)
-    with pytest.raises(ValueError, match="encoder_hidden_states were given but this UNet2DModel has no cross-attention"):
+    with pytest.raises(ValueError, match="encoder_hidden_states were given but this UNet2DModel has no cross"):
         plain(x, 3, encoder_hidden_states=torch.randn(2, 1, 8))
 
 

@@ -10,7 +10,8 @@ from minidiff.text import TextEncoder, WordTokenizer, load_text_pipeline, save_t
 CAPTIONS = ["a red circle", "a blue square", "A green triangle."]
 TEXT_UNET = dict(_class_name="UNet2DConditionModel", sample_size=8, in_channels=3, out_channels=3,
                  block_out_channels=[16, 32], layers_per_block=1, norm_num_groups=8, attention_head_dim=2,
-                 down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+                 down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                 up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
                  mid_block_type="UNetMidBlock2DCrossAttn", cross_attention_dim=16)
 
 

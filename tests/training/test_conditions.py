@@ -17,7 +17,8 @@ FAST = dict(batch_size=4, log_samples_every=0, save_model_every=0, progress=Fals
 CAPTIONS = ["a red circle", "a blue square", "a green triangle", "a red square"]
 TEXT_UNET = dict(_class_name="UNet2DConditionModel", sample_size=8, in_channels=3, out_channels=3,
                  block_out_channels=[16, 32], layers_per_block=1, norm_num_groups=8, attention_head_dim=2,
-                 down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+                 down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                 up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
                  mid_block_type="UNetMidBlock2DCrossAttn", cross_attention_dim=16)
 
 
