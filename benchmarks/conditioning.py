@@ -7,7 +7,7 @@ exactly what users run; an existing trained model in --work_dir is reused unless
   DDIM step count from the same seeds, scored by the digits judge;
 - text: examples/text_to_image.py, its guidance scales scanned with few samples per pair, then the best one
   with --text_samples per pair: both-correct (shape and colour) on seen and held-out pairs;
-- text_size: the same with --size_classes (text and a size class at once): also the size judged;
+- text_size: the scan of the same with --size_classes (text and a size class at once), the size judged too;
 - sr: examples/super_resolution.py: consistency, realism and PSNR against bicubic upsampling.
 
     python benchmarks/conditioning.py                           # everything (about an hour on 2 CPU cores)
@@ -111,23 +111,25 @@ def class_rows(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
 
 
 def text_rows(args: argparse.Namespace, size_classes: bool) -> tuple[dict, list[str]]:
-    """The example's scan of guidance scales, then its best scale again with ``--text_samples`` per pair."""
+    """The example's scan of guidance scales; for the text-only model (the one with targets) also its best
+    scale again with ``--text_samples`` per pair."""
     out = Path(args.work_dir) / ("text_and_size" if size_classes else "text_to_image")
     extra = ["--size_classes"] if size_classes else []
     scan = run_example("text_to_image.py", out, "results.json", args.retrain, *extra)
-    best = scan["best_guidance_scale"]
-    final = run_example("text_to_image.py", out, f"results_{args.text_samples}.json", False, *extra,
-                        "--guidance_scales", str(best), "--samples_per_prompt", str(args.text_samples),
-                        "--results_file", f"results_{args.text_samples}.json")
     rows = [(w, r, scan["samples_per_prompt"]) for w, r in scan["scales"].items()]
-    rows.append((f"{best:g} (final)", final["scales"][str(best)], args.text_samples))
-    size_column = size_classes and " size right |" or ""
+    results = {"train_seconds": scan["train_seconds"], "scan": scan}
+    if not size_classes:
+        best = scan["best_guidance_scale"]
+        results["final"] = run_example("text_to_image.py", out, f"results_{args.text_samples}.json", False,
+                                       "--guidance_scales", str(best), "--samples_per_prompt", str(args.text_samples),
+                                       "--results_file", f"results_{args.text_samples}.json")
+        rows.append((f"{best:g} (final)", results["final"]["scales"][str(best)], args.text_samples))
+    size_column = " size right |" if size_classes else ""
     lines = ["| guidance scale | samples per pair | both right, seen pairs | both right, held-out pairs |"
-             + size_column,
-             "|---|---|---|---|" + ("---|" if size_classes else "")]
+             + size_column, "|---|---|---|---|" + ("---|" if size_classes else "")]
     lines += [f"| {w} | {n} | {r['both_seen']:.1%} | {r['both_held_out']:.1%} |"
               + (f" {r['size']:.1%} |" if size_classes else "") for w, r, n in rows]
-    return {"train_seconds": scan["train_seconds"], "scan": scan, "final": final}, lines
+    return results, lines
 
 
 def sr_rows(args: argparse.Namespace) -> tuple[dict, list[str]]:
