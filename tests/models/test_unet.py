@@ -101,7 +101,7 @@ def test_every_convolution_sees_one_layout(name, memory_format, call, seeded):
         conv.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
     c = unet.config
     x = torch.randn(1, c.in_channels, 16, 16).contiguous(memory_format=memory_format)
-    context = {"encoder_hidden_states": torch.randn(1, 3, c.cross_attention_dim)} if c.cross_attention_dim else {}
+    context = {"encoder_hidden_states": torch.randn(1, 3, c.cross_attention_dim)} if c.is_conditional else {}
     with torch.set_grad_enabled(call != "sampling"):
         out = unet(x.requires_grad_(call == "guidance"), 10, **context)
     expected = memory_format if call == "training" else torch.channels_last
