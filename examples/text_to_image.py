@@ -48,8 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--output_dir", default="outputs/text_to_image")
-    p.add_argument("--prompt", action="append", help="sample these prompts from the trained model (repeatable); "
-                                                     "without it: every pair, judged")
+    p.add_argument("--prompt", action="append", help="sample these prompts from the trained model (repeatable), at "
+                                                     "one --guidance_scales value or the judged best; without it: "
+                                                     "every pair, judged")
     p.add_argument("--max_steps", type=int, default=1400, help="optimizer steps (the training budget)")
     p.add_argument("--max_minutes", type=float, default=15.0, help="stop training after this many minutes")
     p.add_argument("--batch_size", type=int, default=32)
@@ -186,7 +187,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.prompt:
         if not trained(folder):
             raise SystemExit(f"{folder} holds no trained text-to-image model; run without --prompt first")
-        w = args.guidance_scales[-1] if len(args.guidance_scales) == 1 else 3.0
+        previous = folder / "results.json"  # by default the scale the judged scan found best
+        best = read_json(previous).get("best_guidance_scale", 3.0) if previous.is_file() else 3.0
+        w = args.guidance_scales[0] if len(args.guidance_scales) == 1 else best
         sizes = size_requests(load_text_pipeline(folder)[0], 8)
         images = generate(folder, [p for p in args.prompt for _ in range(8)], w, args.num_inference_steps, args.seed,
                           None if sizes is None else sizes.repeat(len(args.prompt)))
