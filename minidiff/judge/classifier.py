@@ -1,12 +1,8 @@
-"""The judges: a small CNN classifier trained on real images (its score of class-conditioned samples is the
-fraction it assigns to the class they were generated for; the "faces" judge tells faces from non-faces),
-a caption judge for text-to-image (the shape by such a classifier, the colour by the hue of bright pixels),
-a memorisation measure (nearest-neighbour distances to the training images) and the Fréchet distance
-between two feature sets."""
+"""The classifier judge: a small CNN trained on real images; its score of class-conditioned samples is the
+fraction it assigns to the class they were generated for (the "faces" judge tells faces from non-faces)."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
 from dataclasses import asdict, dataclass
@@ -17,10 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from .data import (COLOURS, DATASET_NAMES, SHAPES, SIZES, TORCHVISION_DATASETS, CaptionedShapes, Digits,
-                   ShapeLabels, Shapes, load_dataset, random_translate)
-from .data.captioned import RADIUS_RANGE
-from .files import atomic_path, cache_dir
+from ..data import (DATASET_NAMES, TORCHVISION_DATASETS, CaptionedShapes, Digits, ShapeLabels, Shapes, load_dataset,
+                    random_translate)
+from ..files import atomic_path, cache_dir
 
 JUDGE_VERSION = "1"  # part of the cache key: bump when the network or its training changes
 JUDGED_DATASETS = (*(name for name in DATASET_NAMES if name not in ("photos", "textures")), "captioned_shapes")
@@ -79,7 +74,7 @@ def face_judge_set(image_size: int, split: str) -> Dataset:
     """Grayscale "face" (label 1) against "non-face" (0) images of one split (minidiff.data.real's):
     the LFW subset's faces (for training also mirrored) against its non-face patches and, per patch, three
     random crops of the photographs and one of the textures."""
-    from .data.real import Crops, Faces
+    from ..data.real import Crops, Faces
 
     faces = Faces(image_size, channels=1, split=split).images
     if split == "train":
@@ -245,7 +240,7 @@ def judge_samples(unet: nn.Module, scheduler, judge: Judge, *, samples_per_class
                   batch_size: int = 100, progress: bool = True) -> tuple[Tensor, Tensor, JudgeReport]:
     """Generate ``samples_per_class`` images of every class the judge knows (classes in order, so a grid
     with ``nrow=samples_per_class`` has one row per class) and score them: (images, labels, report)."""
-    from .sampling import sample  # keep `import minidiff.judge` light
+    from ..sampling import sample  # keep `import minidiff.judge` light
 
     labels = torch.arange(judge.num_classes).repeat_interleave(samples_per_class)
     generator = torch.Generator().manual_seed(seed)
@@ -255,176 +250,3 @@ def judge_samples(unet: nn.Module, scheduler, judge: Judge, *, samples_per_class
                guidance_scale=guidance_scale, progress=progress).cpu()
         for chunk in labels.split(batch_size)])
     return images, labels, judge.score(images.clamp(-1, 1), labels)
-
-
-# ---------------------------------------------------------------------------------- captioned shapes
-def _bright_pixels(images: Tensor, min_value: float = 0.5, min_saturation: float = 0.4) -> tuple[Tensor, Tensor]:
-    """(RGB in [0, 1], the 0/1 mask of bright, saturated pixels) of (B, 3, H, W) images in [-1, 1]."""
-    if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != 3:
-        got = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
-        raise ValueError(f"expected RGB images of shape (B, 3, H, W), got {got}")
-    rgb = (images.float().clamp(-1, 1) + 1) / 2
-    high, low = rgb.amax(1), rgb.amin(1)
-    return rgb, ((high >= min_value) & (high - low >= min_saturation * high)).float()
-
-
-# area of each shape over its radius squared, as minidiff.data.embedded draws them
-SHAPE_AREA = {"circle": math.pi, "square": 1.7**2, "triangle": 3 * math.sqrt(3) * 0.65**2}
-
-
-def size_names(images: Tensor, shapes: list[str]) -> list[str]:
-    """"small" or "large" (SIZES) of each image's shape: its radius from the bright pixels' area and the
-    shape's area factor, against the middle of the drawn range."""
-    _, bright = _bright_pixels(images)
-    radius = torch.tensor([area / SHAPE_AREA[s] for area, s in zip(bright.sum((1, 2)).tolist(), shapes)]).sqrt()
-    middle = sum(RADIUS_RANGE) / 2 * images.shape[-1]
-    return [SIZES[int(r >= middle)] for r in radius.tolist()]
-
-
-def colour_names(images: Tensor) -> list[str | None]:
-    """The colour (one of COLOURS, hue bins centred on 0, 60, ..., 300 degrees) of each image's bright,
-    saturated pixels (B, 3, H, W in [-1, 1]): the circular mean of their hues, atan2(sqrt(3) (G - B),
-    2R - G - B); None for an image without such pixels."""
-    rgb, weight = _bright_pixels(images)
-    r, g, b = rgb.unbind(1)
-    angle = torch.atan2(math.sqrt(3) * (g - b), 2 * r - g - b)
-    x, y = (weight * angle.cos()).sum((1, 2)), (weight * angle.sin()).sum((1, 2))
-    bins = torch.round(torch.atan2(y, x) / (math.pi / 3)).long() % len(COLOURS)
-    return [COLOURS[k] if any_ else None for k, any_ in zip(bins.tolist(), (weight.sum((1, 2)) > 0).tolist())]
-
-
-@dataclass(frozen=True)
-class CaptionReport:
-    shape: float      # share of images whose shape the judge reads as the prompt's
-    colour: float     # share whose bright pixels have the prompt's colour
-    both: float       # share with both right
-    count: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-class CaptionJudge:
-    """Reads ``"a {colour} {shape}"`` images: the shape by a Judge trained on captioned shapes of every
-    colour (``Judge.for_dataset("captioned_shapes")``), the colour by ``colour_names``."""
-
-    def __init__(self, shape_judge: Judge):
-        if shape_judge.classes != list(SHAPES):
-            raise ValueError(f"the shape judge must tell {list(SHAPES)}, it tells {shape_judge.classes}")
-        self.shape_judge = shape_judge
-
-    @classmethod
-    def for_image_size(cls, image_size: int = 32, cache_dir: str | os.PathLike | None = None) -> CaptionJudge:
-        return cls(Judge.for_dataset("captioned_shapes", image_size, cache_dir))
-
-    def read(self, images: Tensor) -> tuple[list[str | None], list[str]]:
-        """(colours, shapes) of (B, 3, H, W) images in [-1, 1]."""
-        shapes = [SHAPES[k] for k in self.shape_judge.predict(images).tolist()]
-        return colour_names(images), shapes
-
-    def score(self, images: Tensor, prompts: list[str]) -> CaptionReport:
-        """How many images show their prompt's colour and shape (each prompt names one of each)."""
-        if len(prompts) != len(images):
-            raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
-        wanted = [_colour_and_shape(p) for p in prompts]
-        colours, shapes = self.read(images)
-        colour_ok = torch.tensor([c == w[0] for c, w in zip(colours, wanted)])
-        shape_ok = torch.tensor([s == w[1] for s, w in zip(shapes, wanted)])
-        return CaptionReport(shape_ok.float().mean().item(), colour_ok.float().mean().item(),
-                             (colour_ok & shape_ok).float().mean().item(), len(prompts))
-
-
-def _colour_and_shape(prompt: str) -> tuple[str, str]:
-    words = prompt.lower().split()
-    colours, shapes = [w for w in words if w in COLOURS], [w for w in words if w in SHAPES]
-    if len(colours) != 1 or len(shapes) != 1:
-        raise ValueError(f"prompt {prompt!r}: the caption judge needs exactly one colour of {list(COLOURS)} and one "
-                         f"shape of {list(SHAPES)}")
-    return colours[0], shapes[0]
-
-
-# ------------------------------------------------------------------------------------- memorisation
-def nearest_neighbour_distances(images: Tensor, references: Tensor, mirrors: bool = True) -> Tensor:
-    """Distance (B,) from each image (B, C, H, W) to its nearest reference (N, C, H, W) (with ``mirrors``
-    also the references' mirror images: training with flips teaches those too).
-
-    Images are compared by their deviation from the references' mean image, standardised per image (zero
-    mean, unit variance), with the RMS difference: sqrt(2 (1 - r)) for r the Pearson correlation of two
-    deviations. So what every face shares (the average face, overall brightness and contrast) does not make
-    two images close; a faded or blurred copy of a reference stays close to it."""
-    if images.shape[1:] != references.shape[1:]:
-        raise ValueError(f"images {tuple(images.shape)} and references {tuple(references.shape)} differ in shape")
-    if mirrors:
-        references = torch.cat([references, references.flip(-1)])
-    centre = references.double().mean(0)
-
-    def standardised(x: Tensor) -> Tensor:
-        x = (x.double() - centre).flatten(1)
-        x = x - x.mean(1, keepdim=True)
-        return x / (x.square().mean(1, keepdim=True).sqrt() + 1e-2)  # a flat deviation stays near 0
-
-    a, b = standardised(images), standardised(references)
-    return (torch.cdist(a, b) / math.sqrt(a.shape[1])).amin(1).float()
-
-
-@dataclass(frozen=True)
-class MemorizationReport:
-    """Near-copies of training images among samples. ``threshold`` is the smallest distance from a
-    held-out real image to its nearest training image: closer than that, a sample is nearer to a training
-    image than any other real image of the distribution ever came ("near-copy")."""
-
-    near_copy_share: float              # share of samples with a nearest-training distance < threshold
-    threshold: float
-    sample_distances: list[float]       # each sample's distance to its nearest training image
-    held_out_distances: list[float]     # each held-out image's distance to its nearest training image
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def memorization(samples: Tensor, train_images: Tensor, held_out_images: Tensor) -> MemorizationReport:
-    """Nearest-neighbour distances of ``samples`` and of held-out real images to the training images (all
-    (N, C, H, W) in [-1, 1], the same shape), and the share of samples that are near-copies."""
-    held_out = nearest_neighbour_distances(held_out_images, train_images)
-    distances = nearest_neighbour_distances(samples, train_images)
-    threshold = float(held_out.min())
-    return MemorizationReport(float((distances < threshold).float().mean()), threshold,
-                              [round(v, 4) for v in distances.tolist()], [round(v, 4) for v in held_out.tolist()])
-
-
-# ---------------------------------------------------------------------------------- super-resolution
-def psnr(images: Tensor, references: Tensor) -> Tensor:
-    """Peak signal-to-noise ratio (dB) of each image (B, C, H, W) in [-1, 1] against its reference:
-    10 log10(peak^2 / MSE) with peak 2 (the range of [-1, 1])."""
-    mse = (images.float().clamp(-1, 1) - references.float()).square().mean((1, 2, 3))
-    return 10 * torch.log10(4 / mse.clamp_min(1e-12))
-
-
-def high_frequency_energy(images: Tensor) -> Tensor:
-    """Mean squared discrete Laplacian of each image (B, C, H, W) (inner pixels): the fine detail that
-    upsampling blurs away; a sharp, realistic upsampling has about the real images' energy."""
-    x = images.float()
-    laplacian = (x[..., 1:-1, :-2] + x[..., 1:-1, 2:] + x[..., :-2, 1:-1] + x[..., 2:, 1:-1] - 4 * x[..., 1:-1, 1:-1])
-    return laplacian.square().mean((1, 2, 3))
-
-
-# ----------------------------------------------------------------------------------- distributions
-def image_statistics(images: Tensor) -> Tensor:
-    """Per-image statistics of (B, 3, H, W) images in [0, 1]: mean and std of each colour channel, mean
-    absolute horizontal and vertical differences (edges), saturation (max - min channel): (B, 9)."""
-    gray = images.mean(1)
-    dx = (gray[:, :, 1:] - gray[:, :, :-1]).abs().mean((1, 2))
-    dy = (gray[:, 1:, :] - gray[:, :-1, :]).abs().mean((1, 2))
-    saturation = (images.amax(1) - images.amin(1)).mean((1, 2))
-    return torch.cat([images.mean((2, 3)), images.std((2, 3)), torch.stack([dx, dy, saturation], 1)], 1)
-
-
-def frechet_distance(a: Tensor, b: Tensor) -> float:
-    """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2) between Gaussian fits of two
-    feature sets (N, D) (the FID formula of Heusel et al. 2017, on any features)."""
-    a, b = a.double(), b.double()
-    mu_a, mu_b, cov_a, cov_b = a.mean(0), b.mean(0), torch.cov(a.T), torch.cov(b.T)
-    values, vectors = torch.linalg.eigh(cov_a)
-    root = vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T  # symmetric PSD square root
-    cross = torch.linalg.eigvalsh(root @ cov_b @ root).clamp(min=0).sqrt().sum()
-    return float((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross)
