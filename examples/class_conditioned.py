@@ -20,6 +20,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: no spinning
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -57,7 +58,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output_dir", default="outputs/class_conditioned")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # checked before training, not after it: a bad value must not cost the run
+    if min(args.num_inference_steps, args.samples_per_class) < 1 or args.num_inference_steps > 1000:
+        p.error("--num_inference_steps must be in [1, 1000] and --samples_per_class >= 1")
+    if not math.isfinite(args.guidance_scale):
+        p.error(f"--guidance_scale must be a finite number, got {args.guidance_scale}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict | None:

@@ -27,6 +27,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: no spinning threads on a busy machine
 
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -62,7 +63,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --output_dir")
     p.add_argument("--retrain", action="store_true", help="train again even if --output_dir holds a model")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # checked before training, not after it: a bad value must not cost the run
+    if min(args.num_inference_steps, args.num_test) < 1 or args.num_inference_steps > 1000:
+        p.error("--num_inference_steps must be in [1, 1000] and --num_test >= 1")
+    if not all(math.isfinite(w) for w in args.guidance_scales):
+        p.error(f"--guidance_scales must be finite numbers, got {args.guidance_scales}")
+    return args
 
 
 def train_model(args: argparse.Namespace) -> float:

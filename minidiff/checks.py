@@ -1,8 +1,11 @@
-"""Checks shared by minidiff's public entry points: a value against the type its annotation names."""
+"""Checks shared by minidiff's public entry points: a value against the type its annotation names, tensors,
+devices and checkpoints."""
 from __future__ import annotations
 
 import math
 from typing import Any
+
+import torch
 
 
 def split_top(text: str, sep: str) -> list[str]:
@@ -40,3 +43,34 @@ def check_type(name: str, value: Any, annotation: str) -> None:
         if type(value) is float and not math.isfinite(value) and "float" in annotation:
             raise ValueError(f"{name}={value!r}: must be finite")
         raise TypeError(f"{name}={value!r}: expected {annotation}")
+
+
+def check_tensor(name: str, value: Any, *, floating: bool = False) -> None:
+    """Raise a TypeError naming ``name`` unless ``value`` is a tensor (floating-point if ``floating``), or a
+    ValueError if it is on the meta device (a tensor without values)."""
+    if not torch.is_tensor(value) or floating and not value.is_floating_point():
+        got = value.dtype if torch.is_tensor(value) else type(value).__name__
+        raise TypeError(f"{name}: expected a {'floating-point ' if floating else ''}tensor, got {got}")
+    if value.is_meta:
+        raise ValueError(f"{name} is on the meta device: it holds no values")
+
+
+def check_device(name: str, device: Any) -> torch.device | None:
+    """``device`` (a str such as "cpu" or "cuda:1", or a torch.device) as a torch.device, None kept; a
+    ValueError naming ``name`` if torch does not know it."""
+    if device is None or isinstance(device, torch.device):
+        return device
+    if not isinstance(device, str):
+        raise TypeError(f"{name}={device!r}: expected None, a str such as 'cpu' or 'cuda:1', or a torch.device")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"{name}={device!r} is not a torch device; e.g. 'cpu', 'cuda' or 'cuda:1'") from None
+
+
+def check_finite_tensors(state: dict[str, torch.Tensor], source: Any) -> None:
+    """Raise a ValueError naming the tensors of ``state`` (a checkpoint read from ``source``) that hold NaN or inf."""
+    bad = [key for key, tensor in state.items() if tensor.is_floating_point() and not bool(tensor.isfinite().all())]
+    if bad:
+        raise ValueError(f"{source}: {len(bad)} tensors hold NaN or inf values: {', '.join(bad[:5])}"
+                         f"{' and more' if len(bad) > 5 else ''}; the checkpoint is broken")

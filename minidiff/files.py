@@ -33,6 +33,8 @@ def read_json(path: PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"{path}: file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: malformed JSON ({err})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: malformed JSON (nested too deeply)") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
@@ -69,6 +71,8 @@ def write_json(path: PathLike, data: dict[str, Any]) -> None:
 def component_dir(path: PathLike, subfolder: str, marker: str) -> Path:
     """The folder holding ``marker`` for a component: ``path/subfolder`` of a pipeline folder,
     or ``path`` itself (a component folder, or the flat layout of google/ddpm-* repos)."""
+    if not isinstance(path, (str, os.PathLike)) or path == "":
+        raise TypeError(f"path={path!r}: expected a folder path (a non-empty str or os.PathLike)")
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a directory")

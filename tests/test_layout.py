@@ -8,18 +8,19 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "minidiff"
-# what each sub-package may import from the rest of minidiff ("files" is the leaf of file helpers)
+# what each sub-package may import from the rest of minidiff ("files" and "checks" are the leaves of file and
+# argument helpers)
 ALLOWED = {
     "files": set(),
     "checks": set(),
     "models": {"files", "checks"},
     "schedulers": {"files", "checks"},
-    "io": {"files", "models", "schedulers"},
-    "sampling": {"files", "models", "schedulers"},
-    "data": {"files"},
+    "io": {"files", "checks", "models", "schedulers"},
+    "sampling": {"files", "checks", "models", "schedulers"},
+    "data": {"files", "checks"},
     "training": {"files", "checks", "models", "schedulers", "io", "sampling", "data", "text"},
-    "kernels": {"files", "models"},
-    "judge": {"files", "data", "sampling", "models", "schedulers"},
+    "kernels": {"files", "checks", "models"},
+    "judge": {"files", "checks", "data", "sampling", "models", "schedulers"},
     "text": {"files", "checks", "models", "schedulers", "io"},
 }
 

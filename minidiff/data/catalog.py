@@ -14,6 +14,9 @@ DATASET_NAMES = ("digits", *Shapes.KINDS, *REAL_DATASET_NAMES, *TORCHVISION_DATA
 def load_dataset(name_or_path: str | os.PathLike, image_size: int, **kwargs) -> LabeledDataset:
     """A dataset by name (see ``DATASET_NAMES``; torchvision ones need ``root=``) or an image folder path."""
     name = str(name_or_path)
+    if not name:
+        raise ValueError(f"load_dataset: name_or_path='' is neither a dataset name ({', '.join(DATASET_NAMES)}) nor a "
+                         "folder path")
     if name == "digits":
         return Digits(image_size, **kwargs)
     if name in Shapes.KINDS:

@@ -8,11 +8,15 @@ import functools
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
+
+if TYPE_CHECKING:
+    import numpy as np
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 TORCHVISION_DATASETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10"}
@@ -177,7 +181,7 @@ class Shapes(LabeledDataset):
     def __init__(self, image_size: int = 32, num_samples: int = 10_000, seed: int = 0, kind: str = "shapes"):
         if kind not in self.KINDS:
             raise ValueError(f"kind must be one of {tuple(self.KINDS)}, got {kind!r}")
-        if not isinstance(num_samples, int) or not 0 < num_samples < 2**32:
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or not 0 < num_samples < 2**32:
             raise ValueError(f"num_samples must be an int in [1, 2**32), got {num_samples!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {seed!r}")
@@ -297,6 +301,8 @@ class ImageFolder(LabeledDataset):
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         from PIL import Image
 
+        if not -len(self.samples) <= index < len(self.samples):
+            raise IndexError(f"index {index} out of range for the {len(self.samples)} images of {self.root}")
         path, label = self.samples[index]
         try:
             with Image.open(path) as image:

@@ -1,22 +1,30 @@
 """Image-conditioned data: each image with a degraded version of itself as the condition (super-resolution)."""
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ..checks import check_tensor
 
 
 def _image(item: Tensor | tuple) -> Tensor:
     return item[0] if isinstance(item, (tuple, list)) else item
 
 
-def downsample(images: Tensor, factor: int) -> Tensor:
-    """(B, C, H, W) -> (B, C, H / factor, W / factor) by averaging factor x factor blocks (a box filter)."""
+def _check(images: Tensor, factor: int) -> None:
+    """``factor`` an int >= 1, ``images`` a floating-point (B, C, H, W) tensor."""
     if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
         raise ValueError(f"factor={factor!r} must be an int >= 1")
-    if images.ndim != 4 or images.shape[-1] % factor or images.shape[-2] % factor:
+    check_tensor("images", images, floating=True)
+    if images.ndim != 4:
+        raise ValueError(f"images of shape {tuple(images.shape)}: expected (B, C, H, W)")
+
+
+def downsample(images: Tensor, factor: int) -> Tensor:
+    """(B, C, H, W) -> (B, C, H / factor, W / factor) by averaging factor x factor blocks (a box filter)."""
+    _check(images, factor)
+    if images.shape[-1] % factor or images.shape[-2] % factor:
         raise ValueError(f"images of shape {tuple(images.shape)}: expected (B, C, H, W) with H and W multiples "
                          f"of {factor}")
     return F.avg_pool2d(images, factor)
@@ -24,6 +32,7 @@ def downsample(images: Tensor, factor: int) -> Tensor:
 
 def upsample(images: Tensor, factor: int) -> Tensor:
     """Bicubic upsampling by ``factor`` (B, C, h, w) -> (B, C, factor h, factor w), clamped to [-1, 1]."""
+    _check(images, factor)
     return F.interpolate(images, scale_factor=factor, mode="bicubic", align_corners=False).clamp(-1, 1)
 
 
@@ -33,6 +42,8 @@ class SuperResolutionPairs(Dataset):
     equal to the image channels trains on."""
 
     def __init__(self, base: Dataset, factor: int = 4):
+        if len(base) == 0:
+            raise ValueError("SuperResolutionPairs: the base dataset is empty")
         image = _image(base[0])
         downsample(image[None], factor)  # checks the factor and the size
         self.base, self.factor = base, factor

@@ -17,9 +17,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..checks import check_device, check_finite_tensors, check_type
 from ..files import DIFFUSERS_VERSION, atomic_path, component_dir, read_json, write_json
 from ..models import UNet, UNetConfig
-from ..schedulers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from ..schedulers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, Scheduler
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
 SCHEDULERS = {"DDPMScheduler": DDPMScheduler, "DDIMScheduler": DDIMScheduler,
@@ -73,6 +74,8 @@ def _read_shards(folder: Path, index: Path) -> dict[str, torch.Tensor]:
 def load_state_dict(folder: str | os.PathLike, variant: str | None = None) -> dict[str, torch.Tensor]:
     """The weights in a model folder: safetensors first, then a sharded index, then ``.bin``."""
     folder = Path(folder)
+    if variant is not None and not (isinstance(variant, str) and re.fullmatch(r"[\w\-]+", variant)):
+        raise ValueError(f"variant={variant!r}: expected None or a name such as 'fp16' (letters, digits, '_', '-')")
     stem = WEIGHTS_NAME if variant is None else f"{WEIGHTS_NAME}.{variant}"
     for ext in ("safetensors", "bin"):
         single = folder / f"{stem}.{ext}"
@@ -124,10 +127,13 @@ def load_unet(path: str | os.PathLike, *, variant: str | None = None, dtype: tor
     ``dtype`` (default float32, whatever the file holds, e.g. ``variant="fp16"``); a file mixing dtypes is refused."""
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"load_unet: dtype must be a floating torch.dtype, got {dtype!r}")
+    device = check_device("load_unet: device", device)
+    check_type("load_unet: strict", strict, "bool")
     folder = component_dir(path, "unet", "config.json")
     config = UNetConfig.from_dict(read_json(folder / "config.json"))
     state = load_state_dict(folder, variant)
     check_dtypes(state, folder)
+    check_finite_tensors(state, folder)
     dtype = dtype or torch.float32
     state = {key: tensor.to(dtype) for key, tensor in state.items()}
     if strict:  # every tensor comes from the file: skip the random initialisation
@@ -141,10 +147,20 @@ def load_unet(path: str | os.PathLike, *, variant: str | None = None, dtype: tor
     return unet.to(device=device, dtype=dtype).eval()
 
 
+def _output_folder(path: str | os.PathLike) -> Path:
+    """``path`` as a folder to write into, created if missing; an existing file there is an error."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder}: exists and is not a folder; pass a folder path to write the model into")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def save_unet(unet: UNet, path: str | os.PathLike, *, safe_serialization: bool = True) -> None:
     """Write config.json and the weights (safetensors by default, ``.bin`` if asked) atomically."""
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
+    if not isinstance(unet, UNet):
+        raise TypeError(f"save_unet: unet must be a minidiff.UNet, got {type(unet).__name__}")
+    folder = _output_folder(path)
     state = {k: v.detach().to("cpu").contiguous() for k, v in unet.state_dict().items()}
     weights = folder / f"{WEIGHTS_NAME}.{'safetensors' if safe_serialization else 'bin'}"
     with atomic_path(weights) as tmp:
@@ -160,7 +176,7 @@ def load_scheduler(path: str | os.PathLike) -> DDPMScheduler | DDIMScheduler:
     folder = component_dir(path, "scheduler", "scheduler_config.json")
     config = read_json(folder / "scheduler_config.json")
     name = config.get("_class_name", "DDPMScheduler")
-    if name not in SCHEDULERS:
+    if not isinstance(name, str) or name not in SCHEDULERS:
         raise ValueError(f"{folder / 'scheduler_config.json'}: scheduler {name!r} is not supported; "
                          f"allowed: {sorted(SCHEDULERS)}")
     return SCHEDULERS[name].from_config(config)
@@ -174,7 +190,9 @@ def load_pipeline(path: str | os.PathLike, **unet_kwargs: Any) -> tuple[UNet, DD
 def save_pipeline(unet: UNet, scheduler: DDPMScheduler | DDIMScheduler, path: str | os.PathLike,
                   pipeline_class: str | None = None) -> None:
     """Write a pipeline folder (model_index.json, unet/, scheduler/) that diffusers' DDPMPipeline loads."""
-    folder = Path(path)
+    if not isinstance(scheduler, Scheduler):
+        raise TypeError(f"save_pipeline: scheduler must be a minidiff scheduler, got {type(scheduler).__name__}")
+    folder = _output_folder(path)
     save_unet(unet, folder / "unet")
     scheduler.save_pretrained(folder / "scheduler")
     scheduler_class = type(scheduler).__name__

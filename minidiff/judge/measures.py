@@ -8,6 +8,15 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
+from ..checks import check_tensor
+
+
+def _check_images(name: str, images: Tensor, channels: int | None = None) -> None:
+    """``images`` must be a non-empty (B, C, H, W) tensor (with ``channels`` channels if given)."""
+    check_tensor(name, images)
+    if images.ndim != 4 or images.shape[0] == 0 or channels is not None and images.shape[1] != channels:
+        raise ValueError(f"{name} must be (B, {channels or 'C'}, H, W) images with B >= 1, got {tuple(images.shape)}")
+
 
 def nearest_neighbour_distances(images: Tensor, references: Tensor, mirrors: bool = True) -> Tensor:
     """Distance (B,) from each image (B, C, H, W) to its nearest reference (N, C, H, W) (with ``mirrors``
@@ -17,6 +26,8 @@ def nearest_neighbour_distances(images: Tensor, references: Tensor, mirrors: boo
     mean, unit variance), with the RMS difference: sqrt(2 (1 - r)) for r the Pearson correlation of two
     deviations. So what every face shares (the average face, overall brightness and contrast) does not make
     two images close; a faded or blurred copy of a reference stays close to it."""
+    _check_images("images", images)
+    _check_images("references", references)
     if images.shape[1:] != references.shape[1:]:
         raise ValueError(f"images {tuple(images.shape)} and references {tuple(references.shape)} differ in shape")
     if mirrors:
@@ -50,6 +61,8 @@ class MemorizationReport:
 def memorization(samples: Tensor, train_images: Tensor, held_out_images: Tensor) -> MemorizationReport:
     """Nearest-neighbour distances of ``samples`` and of held-out real images to the training images (all
     (N, C, H, W) in [-1, 1], the same shape), and the share of samples that are near-copies."""
+    for name, images in (("samples", samples), ("train_images", train_images), ("held_out_images", held_out_images)):
+        _check_images(name, images)
     held_out = nearest_neighbour_distances(held_out_images, train_images)
     distances = nearest_neighbour_distances(samples, train_images)
     threshold = float(held_out.min())
@@ -61,6 +74,10 @@ def memorization(samples: Tensor, train_images: Tensor, held_out_images: Tensor)
 def psnr(images: Tensor, references: Tensor) -> Tensor:
     """Peak signal-to-noise ratio (dB) of each image (B, C, H, W) in [-1, 1] against its reference:
     10 log10(peak^2 / MSE) with peak 2 (the range of [-1, 1])."""
+    _check_images("images", images)
+    if references.shape != images.shape:
+        got = tuple(references.shape) if torch.is_tensor(references) else type(references).__name__
+        raise ValueError(f"references must have the images' shape {tuple(images.shape)}, got {got}")
     mse = (images.float().clamp(-1, 1) - references.float()).square().mean((1, 2, 3))
     return 10 * torch.log10(4 / mse.clamp_min(1e-12))
 
@@ -68,6 +85,7 @@ def psnr(images: Tensor, references: Tensor) -> Tensor:
 def high_frequency_energy(images: Tensor) -> Tensor:
     """Mean squared discrete Laplacian of each image (B, C, H, W) (inner pixels): the fine detail that
     upsampling blurs away; a sharp, realistic upsampling has about the real images' energy."""
+    _check_images("images", images)
     x = images.float()
     laplacian = (x[..., 1:-1, :-2] + x[..., 1:-1, 2:] + x[..., :-2, 1:-1] + x[..., 2:, 1:-1] - 4 * x[..., 1:-1, 1:-1])
     return laplacian.square().mean((1, 2, 3))
@@ -77,6 +95,7 @@ def high_frequency_energy(images: Tensor) -> Tensor:
 def image_statistics(images: Tensor) -> Tensor:
     """Per-image statistics of (B, 3, H, W) images in [0, 1]: mean and std of each colour channel, mean
     absolute horizontal and vertical differences (edges), saturation (max - min channel): (B, 9)."""
+    _check_images("images", images, channels=3)
     gray = images.mean(1)
     dx = (gray[:, :, 1:] - gray[:, :, :-1]).abs().mean((1, 2))
     dy = (gray[:, 1:, :] - gray[:, :-1, :]).abs().mean((1, 2))
@@ -87,6 +106,11 @@ def image_statistics(images: Tensor) -> Tensor:
 def frechet_distance(a: Tensor, b: Tensor) -> float:
     """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2) between Gaussian fits of two
     feature sets (N, D) (the FID formula of Heusel et al. 2017, on any features)."""
+    for name, features in (("a", a), ("b", b)):
+        check_tensor(name, features)
+        if features.ndim != 2 or features.shape[0] < 2 or features.shape[1] != a.shape[-1]:
+            raise ValueError(f"frechet_distance: {name} must be (N, D) features with N >= 2 and both D equal, got "
+                             f"a {tuple(a.shape)} and b {tuple(b.shape)}")
     a, b = a.double(), b.double()
     mu_a, mu_b, cov_a, cov_b = a.mean(0), b.mean(0), torch.cov(a.T), torch.cov(b.T)
     values, vectors = torch.linalg.eigh(cov_a)

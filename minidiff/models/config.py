@@ -7,7 +7,6 @@ diffusers folder and ``config.to_dict()`` writes one diffusers loads. A handful 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,10 +52,9 @@ def _tuple(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
-def _minimum(value: Any) -> float:
-    """The smallest number in an int, a tuple of them (None entries ignored), or +inf."""
-    values = [v for v in (value if isinstance(value, tuple) else (value,)) if v is not None]
-    return min(values, default=math.inf)
+def _numbers(value: Any) -> list:
+    """The numbers in an int or a tuple of them (None entries ignored)."""
+    return [v for v in (value if isinstance(value, tuple) else (value,)) if v is not None]
 
 
 # Fields that count something: at least this much (None stays allowed where the annotation allows it).
@@ -64,6 +62,7 @@ MINIMUMS = {"sample_size": 1, "in_channels": 1, "out_channels": 1, "time_embeddi
             "layers_per_block": 1, "downsample_padding": 0, "attention_head_dim": 1, "norm_num_groups": 1,
             "attn_norm_num_groups": 1, "num_class_embeds": 1, "num_train_timesteps": 1, "cross_attention_dim": 1,
             "transformer_layers_per_block": 1, "class_embed_dim": 1, "conditioning_channels": 0}
+MAXIMUM = 2 ** 20  # of every such count: a larger one is a broken config.json, not a model that fits in memory
 
 
 def _per_block(value: Any, n: int, name: str) -> tuple:
@@ -136,8 +135,8 @@ class UNetConfig:
         if n == 0:
             raise ValueError("UNetConfig.block_out_channels: at least one block is needed")
         for name, low in MINIMUMS.items():
-            if _minimum(getattr(self, name)) < low:
-                raise ValueError(f"UNetConfig.{name}={getattr(self, name)!r}: values must be >= {low}")
+            if not all(low <= v <= MAXIMUM for v in _numbers(getattr(self, name))):
+                raise ValueError(f"UNetConfig.{name}={getattr(self, name)!r}: values must be >= {low} and <= {MAXIMUM}")
         if not self.norm_eps > 0 or not 0 <= self.dropout < 1 or self.mid_block_scale_factor == 0:
             raise ValueError(f"UNetConfig: norm_eps={self.norm_eps} must be > 0, dropout={self.dropout} in [0, 1) "
                              f"and mid_block_scale_factor={self.mid_block_scale_factor} non-zero")
@@ -160,18 +159,38 @@ class UNetConfig:
             if c % self.norm_num_groups:
                 raise ValueError(f"UNetConfig.block_out_channels: {c} is not divisible by "
                                  f"norm_num_groups={self.norm_num_groups}")
+        groups = self.attn_norm_num_groups
+        if groups is not None and self.block_out_channels[-1] % groups:
+            raise ValueError(f"UNetConfig.attn_norm_num_groups={groups} must divide the mid block's "
+                             f"{self.block_out_channels[-1]} channels (block_out_channels[-1])")
         for name in ("layers_per_block", "transformer_layers_per_block", "cross_attention_dim"):
             _per_block(getattr(self, name), n, name)
         if self.is_conditional:
             self._validate_conditional(n)
-        elif any("CrossAttn" in b for b in self.down_block_types + self.up_block_types):
-            raise ValueError("UNetConfig: CrossAttn blocks need model_class='UNet2DConditionModel'")
+        elif any("CrossAttn" in b for b in self.down_block_types + self.up_block_types + (self.mid_block_type or "",)):
+            raise ValueError("UNetConfig: CrossAttn blocks (down_block_types, up_block_types, mid_block_type) need "
+                             "model_class='UNet2DConditionModel'")
+        else:
+            self._check_head_dims(n)
         if self.time_embedding_type == "learned" and not self.num_train_timesteps:
             raise ValueError("UNetConfig.num_train_timesteps is required with time_embedding_type='learned'")
         if self.class_embed_type in ("concat", "cross_attention") and not self.num_class_embeds:
             raise ValueError(f"UNetConfig.num_class_embeds is required with class_embed_type={self.class_embed_type!r}")
         if self.class_embed_type == "cross_attention" and not self.is_conditional:
             raise ValueError("UNetConfig.class_embed_type='cross_attention' needs a UNet2DConditionModel")
+
+    def _check_head_dims(self, n: int) -> None:
+        """UNet2DModel: attention_head_dim (the width of a head) must divide the channels of each block with
+        self-attention (down and up Attn blocks, the mid block)."""
+        dims = _per_block(self.attention_head_dim, n, "attention_head_dim")
+        attending = {i for i, b in enumerate(self.down_block_types) if b.startswith("Attn")}
+        attending |= {n - 1 - i for i, b in enumerate(self.up_block_types) if b.startswith("Attn")}
+        if self.mid_block_type is not None and self.add_attention:
+            attending.add(n - 1)
+        for i in sorted(attending):
+            if dims[i] and self.block_out_channels[i] % dims[i]:
+                raise ValueError(f"UNetConfig.attention_head_dim={dims[i]} (the width of a head) must divide the "
+                                 f"{self.block_out_channels[i]} channels of block {i}, which has attention")
 
     def _validate_conditional(self, n: int) -> None:
         attn_blocks = [b for b in self.down_block_types + self.up_block_types if b.startswith("Attn")]
@@ -230,6 +249,9 @@ class UNetConfig:
     def from_dict(cls, data: dict[str, Any]) -> "UNetConfig":
         """Build from a diffusers config.json dict: bookkeeping keys are ignored, unsupported diffusers
         features are rejected unless at their default, unknown keys raise ValueError."""
+        if not isinstance(data, dict):
+            raise TypeError(f"UNetConfig.from_dict: expected a dict (a parsed config.json), got "
+                            f"{type(data).__name__}; load a model folder with minidiff.load_unet(path)")
         model_class = data.get("_class_name", data.get("model_class", UNET_2D))
         values = dict(CONDITION_DEFAULTS) if model_class == UNET_2D_CONDITION else {}
         names = {f.name for f in dataclasses.fields(cls)}

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .blocks import BlockFactory, DownBlock, MidBlock, UpBlock
+from ..checks import check_tensor
 from .config import UNetConfig
 from .embeddings import FourierProjection, SinusoidalProjection, TimestepEmbedding
 from .functional import ACT_FN_NAMES, UsesOps, activation
@@ -24,6 +25,9 @@ class UNet(UsesOps, nn.Module):
         super().__init__()
         if config is not None and fields:
             raise TypeError("UNet: pass either a UNetConfig or config fields, not both")
+        if config is not None and not isinstance(config, UNetConfig):
+            raise TypeError(f"UNet: config must be a UNetConfig, got {type(config).__name__}; build from a "
+                            "config.json dict with UNet.from_config(dict)")
         self.config = config = config if config is not None else UNetConfig(**fields)
         channels, dim = config.block_out_channels, config.time_embed_dim
         # UNet2DModel always uses SiLU for the time MLP and the output; UNet2DConditionModel uses act_fn
@@ -91,6 +95,7 @@ class UNet(UsesOps, nn.Module):
         if isinstance(timestep, bool) or not (torch.is_tensor(timestep) or isinstance(timestep, (int, float))):
             raise TypeError(f"timestep: expected an int, a float or a tensor, got {type(timestep).__name__}")
         t = timestep if torch.is_tensor(timestep) else torch.tensor(timestep, device=self.device)
+        check_tensor("timestep", t)
         if t.dtype == torch.bool or t.is_complex():
             raise TypeError(f"timestep: expected integer or floating values, got {t.dtype}")
         if t.ndim == 0:
@@ -118,7 +123,8 @@ class UNet(UsesOps, nn.Module):
         if self.config.class_embed_type == "timestep":
             return
         n = self.config.num_class_embeds
-        if labels.is_floating_point() or labels.min() < 0 or labels.max() >= n:
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool or labels.min() < 0 \
+                or labels.max() >= n:
             raise ValueError(f"class_labels must be integers in [0, {n - 1}], got {labels.tolist()}")
 
     def _condition(self, x: torch.Tensor, emb: torch.Tensor, labels: torch.Tensor | None,
@@ -150,9 +156,11 @@ class UNet(UsesOps, nn.Module):
     def _check_input(self, sample: torch.Tensor, conditioning_image: torch.Tensor | None) -> None:
         c = self.config
         for name, value in (("sample", sample), ("conditioning_image", conditioning_image)):
-            if value is not None and not (torch.is_tensor(value) and value.is_floating_point()):
-                got = value.dtype if torch.is_tensor(value) else type(value).__name__
-                raise TypeError(f"{name}: expected a floating-point tensor, got {got}")
+            if value is not None:
+                check_tensor(name, value, floating=True)
+                if value.device != self.device:
+                    raise ValueError(f"{name} is on {value.device} but the model is on {self.device}; move it with "
+                                     f".to(unet.device)")
         if sample.dtype != self.dtype and not torch.is_autocast_enabled(sample.device.type):
             raise TypeError(f"sample: dtype {sample.dtype} differs from the model's {self.dtype}; convert one of "
                             "them (e.g. sample.to(unet.dtype)) or run under torch.autocast")
@@ -172,20 +180,26 @@ class UNet(UsesOps, nn.Module):
                              f"conditioning_channels, the sample's height and width), got {got}")
 
     def _check_conditioning(self, labels: torch.Tensor | None, context: torch.Tensor | None, batch: int) -> None:
-        if labels is not None and not torch.is_tensor(labels):
-            raise TypeError(f"class_labels: expected a tensor, got {type(labels).__name__} (torch.tensor(labels))")
+        if labels is not None:
+            if not torch.is_tensor(labels):
+                raise TypeError(f"class_labels: expected a tensor, got {type(labels).__name__} (torch.tensor(labels))")
+            check_tensor("class_labels", labels)
         if context is None:
             return
         if not self.config.is_conditional:
             raise ValueError("encoder_hidden_states were given but this UNet2DModel has no cross-attention (a "
                              "UNet2DConditionModel has)")
         dims = sorted(set(self.config.cross_attention_dims))
-        if not (torch.is_tensor(context) and context.is_floating_point()):
-            got = context.dtype if torch.is_tensor(context) else type(context).__name__
-            raise TypeError(f"encoder_hidden_states: expected a floating-point tensor, got {got}")
-        if context.ndim != 3 or context.shape[0] != batch or context.shape[2] not in dims:
-            raise ValueError(f"encoder_hidden_states: expected shape ({batch}, S, D) with D in {dims}, got "
+        check_tensor("encoder_hidden_states", context, floating=True)
+        if context.ndim != 3 or context.shape[0] != batch or context.shape[1] == 0 or context.shape[2] not in dims:
+            raise ValueError(f"encoder_hidden_states: expected shape ({batch}, S, D) with D in {dims} and S >= 1, got "
                              f"{tuple(context.shape)}")
+        if context.device != self.device:
+            raise ValueError(f"encoder_hidden_states is on {context.device} but the model is on {self.device}; move "
+                             "it with .to(unet.device)")
+        if context.dtype != self.dtype and not torch.is_autocast_enabled(context.device.type):
+            raise TypeError(f"encoder_hidden_states: dtype {context.dtype} differs from the model's {self.dtype}; "
+                            "convert it (.to(unet.dtype)) or run under torch.autocast")
 
     def forward(self, sample: torch.Tensor, timestep: int | float | torch.Tensor,
                 class_labels: torch.Tensor | None = None, encoder_hidden_states: torch.Tensor | None = None,

@@ -2,16 +2,54 @@
 bound and, for classifier-free guidance, wrapped to mix the conditional and unconditional outputs."""
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
+from ..schedulers import Scheduler
 from .guidance import Denoiser
+
+
+def check_call(unet: Any, scheduler: Any, callback: Any) -> Tensor:
+    """Check the model, scheduler and callback a sampler gets; returns the model's first parameter (its
+    device and dtype are the samples')."""
+    if not isinstance(unet, nn.Module) or not hasattr(unet, "config"):
+        raise TypeError(f"unet must be a model with a config (a minidiff.UNet), got {type(unet).__name__}")
+    if not isinstance(scheduler, Scheduler):
+        raise TypeError(f"scheduler must be a minidiff scheduler (DDPMScheduler, DDIMScheduler, "
+                        f"DPMSolverMultistepScheduler), got {type(scheduler).__module__}.{type(scheduler).__name__}; "
+                        "convert a diffusers one with minidiff.DDIMScheduler.from_config(dict(its.config))")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be a function (i, t, x, out) or None, got {type(callback).__name__}")
+    param = next(unet.parameters(), None)
+    if param is None or param.is_meta:
+        raise ValueError("unet has no weights" if param is None else "unet is on the meta device: load its weights "
+                         "first (minidiff.load_unet)")
+    return param
+
+
+def check_batch(batch: int, **conditions: Any) -> None:
+    """Each given condition tensor must hold one entry per sample of the batch."""
+    for name, value in conditions.items():
+        if torch.is_tensor(value) and value.ndim and len(value) != batch:
+            raise ValueError(f"{name} has shape {tuple(value.shape)}; expected shape ({batch},"
+                             f"{' ...' if value.ndim > 1 else ''}): one entry per sample of the batch")
+
+
+def _output(out: Any) -> Tensor:
+    """The model's output, which must be a tensor (a diffusers model returns an output object)."""
+    if not torch.is_tensor(out):
+        raise TypeError(f"unet returned a {type(out).__name__}, not a tensor: the samplers need a model that returns "
+                        "its prediction, such as a minidiff.UNet (minidiff.load_unet reads diffusers folders)")
+    return out
 
 
 def _model_fn(unet: nn.Module, conditioning: dict[str, Tensor]) -> Denoiser:
     """``denoise(x, t)``: the unet with its conditioning bound; only the given kwargs are passed."""
     def denoise(x: Tensor, t: Tensor) -> Tensor:
-        return unet(x, t, **conditioning)
+        return _output(unet(x, t, **conditioning))
     return denoise
 
 
@@ -61,7 +99,7 @@ def classifier_free(unet: nn.Module, conditioning: dict[str, Tensor], null: dict
     both = {k: torch.cat([conditioning[k], null[k]]) for k in conditioning}
 
     def denoise(x: Tensor, t: Tensor) -> Tensor:
-        cond, uncond = unet(torch.cat([x, x]), t, **both).chunk(2)
+        cond, uncond = _output(unet(torch.cat([x, x]), t, **both)).chunk(2)
         return uncond + guidance_scale * (cond - uncond)
     return denoise
 
@@ -72,6 +110,9 @@ def denoiser(unet: nn.Module, *, class_labels: Tensor | None = None, encoder_hid
     """``denoise(x, t)`` for ``unet`` with the given conditioning; classifier-free guidance when
     ``guidance_scale`` != 1 (against ``null_class_label`` / ``uncond_encoder_hidden_states``, see
     ``minidiff.sample``)."""
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
+            or not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale={guidance_scale!r} must be a finite number (1: no guidance)")
     conditioning = {name: value for name, value in (("class_labels", class_labels),
                                                     ("encoder_hidden_states", encoder_hidden_states),
                                                     ("conditioning_image", conditioning_image))

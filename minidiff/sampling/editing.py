@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..checks import check_tensor
 from ..schedulers import DDIMScheduler, Scheduler, SchedulerOutput
-from .denoiser import denoiser
+from .denoiser import check_batch, check_call, denoiser
 
 
 RANGE_SLACK = 1.5  # how far past [-1, 1] an image may reach: unclamped samples overshoot slightly
@@ -32,12 +33,13 @@ RANGE_SLACK = 1.5  # how far past [-1, 1] an image may reach: unclamped samples 
 
 def check_images(images: Tensor, channels: int, name: str = "init_images") -> Tensor:
     """``images`` as a float (B, C, H, W) tensor with the model's channel count, or a ValueError."""
-    if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != channels:
+    if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != channels or images.shape[0] == 0:
         shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
-        raise ValueError(f"{name} must be a (B, {channels}, H, W) tensor of images in [-1, 1], got {shape}")
+        raise ValueError(f"{name} must be a (B, {channels}, H, W) tensor of images in [-1, 1] with B >= 1, got {shape}")
     if not images.is_floating_point():
         raise TypeError(f"{name} must be floating-point images in [-1, 1], got {images.dtype} "
                         "(uint8 pixels: images.float() / 127.5 - 1)")
+    check_tensor(name, images)
     low, high = images.min().item(), images.max().item()
     if not (-RANGE_SLACK <= low and high <= RANGE_SLACK):  # NaN fails too
         raise ValueError(f"{name} must hold images in [-1, 1] (samples may overshoot a little), got values from "
@@ -116,6 +118,7 @@ def _check_mask(mask: Tensor, images: Tensor) -> Tensor:
     batch, channels, height, width = images.shape
     if not torch.is_tensor(mask):
         raise ValueError(f"mask must be a tensor (1 = generate, 0 = keep), got {type(mask).__name__}")
+    check_tensor("mask", mask)
     full = mask[None, None] if mask.ndim == 2 else mask
     if full.ndim != 4 or full.shape[0] not in (1, batch) or full.shape[1] not in (1, channels) \
             or full.shape[2:] != (height, width):
@@ -140,9 +143,11 @@ def invert(unet: nn.Module, scheduler: Scheduler, images: Tensor, num_inference_
     ``DDIMScheduler.from_config``. Clipping x0 (clip_sample) makes the inverse steps lossy: a config with
     clip_sample=False reconstructs more faithfully (benchmarks/samplers.py measures both). Conditioning and
     classifier-free guidance as in ``minidiff.sample``; ``callback(i, t, x, out)`` observes each step."""
+    param = check_call(unet, scheduler, callback)
     ddim = scheduler if isinstance(scheduler, DDIMScheduler) else DDIMScheduler.from_config(scheduler.config)
-    param = next(unet.parameters())
     x = check_images(images, unet.config.in_channels, "images").to(device=param.device, dtype=param.dtype)
+    check_batch(len(x), class_labels=class_labels, encoder_hidden_states=encoder_hidden_states,
+                conditioning_image=conditioning_image)
     denoise = denoiser(unet, class_labels=class_labels, encoder_hidden_states=encoder_hidden_states,
                        conditioning_image=conditioning_image, guidance_scale=guidance_scale,
                        null_class_label=null_class_label,

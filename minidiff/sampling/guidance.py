@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import re
 from functools import partial
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -95,7 +95,7 @@ def parse_color(color: str | Sequence[float]) -> tuple[float, float, float]:
             raise ValueError(f"color {color!r} is not a hex colour; expected '#RRGGBB' or 'RRGGBB'")
         digits = match[1]
         return tuple(int(digits[i:i + 2], 16) / 255 for i in (0, 2, 4))
-    values = tuple(color)
+    values = tuple(color) if isinstance(color, Iterable) else ()
     if len(values) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
         raise ValueError(f"color {color!r} must be 3 numbers (R, G, B) in [0, 1] or a hex string")
     if not all(0.0 <= v <= 1.0 for v in values):

@@ -10,15 +10,15 @@ DDPMPipeline driving DPMSolverMultistepScheduler) for the same weights, schedule
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..checks import check_tensor
 from ..schedulers import DDIMScheduler, Generator, MultistepOutput, Scheduler, SchedulerOutput, randn
-from .denoiser import denoiser
+from .denoiser import check_batch, check_call, denoiser
 from .editing import ImageEdit, LowResolution, check_images
 from .guidance import Guide, guided_predictor
 
@@ -52,6 +52,7 @@ def _initial_noise(shape: tuple[int, ...], generator: Generator, noise: Tensor |
     """x_T: ``noise`` if given (checked), else drawn as diffusers' pipelines do."""
     if noise is None:
         return randn(shape, generator=generator, device=device, dtype=dtype)
+    check_tensor("noise", noise, floating=True)
     if tuple(noise.shape) != shape:
         raise ValueError(f"noise has shape {tuple(noise.shape)}; expected {shape} "
                          "(batch_size, unet.config.in_channels, *unet.config.sample_size, or init_images' shape)")
@@ -108,11 +109,10 @@ def sample(unet: nn.Module, scheduler: Scheduler, *, batch_size: int | None = No
     0 = keep) inpaints; the noise x_T (drawn or given) noises the images. ``low_resolution`` (B, C, H/f, W/f)
     makes the samples average down (f x f blocks) to it exactly: super-resolution consistency (DDNM).
     """
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
-            or not math.isfinite(guidance_scale):
-        raise ValueError(f"guidance_scale={guidance_scale!r} must be a finite number (1: no guidance)")
-    param = next(unet.parameters())
+    param = check_call(unet, scheduler, callback)
     shape = _shape(unet, batch_size, init_images, noise, conditioning_image)
+    check_batch(shape[0], class_labels=class_labels, encoder_hidden_states=encoder_hidden_states,
+                conditioning_image=conditioning_image)
     x = _initial_noise(shape, generator, noise, param.device, param.dtype)
     denoise = denoiser(unet, class_labels=class_labels, encoder_hidden_states=encoder_hidden_states,
                        conditioning_image=conditioning_image, guidance_scale=guidance_scale,
@@ -120,7 +120,7 @@ def sample(unet: nn.Module, scheduler: Scheduler, *, batch_size: int | None = No
                        uncond_encoder_hidden_states=uncond_encoder_hidden_states)
     predict = guided_predictor(denoise, scheduler, guides, through_unet=guide_through_unet)
     options = _step_options(scheduler, eta, use_clipped_model_output, guidance_scale)
-    timesteps = scheduler.timesteps(num_inference_steps)
+    timesteps = scheduler.checked_timesteps(num_inference_steps)
     edit = None
     if init_images is not None:
         edit = ImageEdit.check(init_images, x, strength, mask)

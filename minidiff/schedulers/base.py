@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..checks import check_tensor
 from ..files import BOOKKEEPING_KEYS, DIFFUSERS_VERSION, PathLike, component_dir, read_json, write_json
 from .schedules import make_betas
 
@@ -34,6 +35,8 @@ UNSUPPORTED_DEFAULTS = {"use_karras_sigmas": False, "use_exponential_sigmas": Fa
                         "use_lu_lambdas": False, "use_flow_sigmas": False, "flow_shift": 1.0,
                         "use_dynamic_shifting": False, "time_shift_type": "exponential"}
 _TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str}
+_INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+MAX_TRAIN_TIMESTEPS = 1_000_000  # a longer chain is a broken config (diffusers' models use 1000 to 4000)
 
 Generator = torch.Generator | Sequence[torch.Generator] | None
 
@@ -66,7 +69,7 @@ class SchedulerConfig:
             value = getattr(self, field.name)
             kind = field.type.removesuffix(" | None")
             if field.name == "trained_betas":
-                value = None if value is None else tuple(float(b) for b in value)
+                value = None if value is None else _betas_tuple(name, value)
             elif value is None and kind != field.type:
                 pass
             elif isinstance(value, bool) != (kind == "bool") or not isinstance(value, _TYPES[kind]):
@@ -78,9 +81,9 @@ class SchedulerConfig:
             if getattr(self, field_name) not in allowed:
                 raise ValueError(f"{name}.{field_name}={getattr(self, field_name)!r} is not supported; "
                                  f"allowed: {list(allowed)}")
-        if self.num_train_timesteps < 1 or self.steps_offset < 0:
-            raise ValueError(f"{name}: num_train_timesteps must be >= 1 and steps_offset >= 0, got "
-                             f"{self.num_train_timesteps} and {self.steps_offset}")
+        if not 1 <= self.num_train_timesteps <= MAX_TRAIN_TIMESTEPS or self.steps_offset < 0:
+            raise ValueError(f"{name}: num_train_timesteps must be in [1, {MAX_TRAIN_TIMESTEPS}] and steps_offset "
+                             f">= 0, got {self.num_train_timesteps} and {self.steps_offset}")
         if self.trained_betas is not None and len(self.trained_betas) != self.num_train_timesteps:
             raise ValueError(f"{name}.trained_betas has {len(self.trained_betas)} values but "
                              f"num_train_timesteps={self.num_train_timesteps}")
@@ -105,6 +108,18 @@ class SchedulerConfig:
         if self.trained_betas is not None:
             data["trained_betas"] = list(self.trained_betas)
         return data
+
+
+def _betas_tuple(name: str, betas: Any) -> tuple[float, ...]:
+    """``trained_betas`` (a list, tuple, array or 1-D tensor of numbers) as a tuple of floats."""
+    if isinstance(betas, (str, bytes, Mapping)) or not hasattr(betas, "__iter__"):
+        raise TypeError(f"{name}.trained_betas: expected a list of floats (one per training timestep), got "
+                        f"{type(betas).__name__}")
+    try:
+        return tuple(float(b) for b in betas)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"{name}.trained_betas: expected a list of floats, got an entry that is not a number "
+                        f"({err})") from None
 
 
 @dataclass(frozen=True)
@@ -183,8 +198,18 @@ def randn(shape: Sequence[int], *, generator: Generator = None, device: torch.de
         if len(generator) != shape[0]:
             raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}; pass one per sample")
         return torch.cat([randn((1, *shape[1:]), generator=g, device=device, dtype=dtype) for g in generator])
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator, a list of them (one per sample) or None, got "
+                        f"{type(generator).__name__}; e.g. torch.Generator().manual_seed(0)")
     draw_device = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
+
+
+def _check_noise(noise: Tensor, like: Tensor, needs: str = "it must have x0's") -> None:
+    """``noise`` must be a floating-point tensor of ``like``'s shape (no broadcasting)."""
+    check_tensor("noise", noise, floating=True)
+    if noise.shape != like.shape:
+        raise ValueError(f"noise has shape {tuple(noise.shape)}; {needs} {tuple(like.shape)}")
 
 
 class Scheduler:
@@ -219,6 +244,10 @@ class Scheduler:
         Bookkeeping/obsolete keys (IGNORED_KEYS), unsupported diffusers options at their defaults
         (UNSUPPORTED_DEFAULTS) and the fields only other schedulers use are dropped; any other unknown key
         raises ValueError, since it could change the math."""
+        if not isinstance(config, (Mapping, SchedulerConfig)):
+            raise TypeError(f"{cls.__name__}.from_config: expected a config dict (a parsed scheduler_config.json) "
+                            f"or a scheduler's config, got {type(config).__name__}; minidiff.load_scheduler reads "
+                            "a folder")
         data = config.to_dict() if isinstance(config, SchedulerConfig) else dict(config)
         data = {k: v for k, v in data.items() if k not in UNSUPPORTED_DEFAULTS or v != UNSUPPORTED_DEFAULTS[k]}
         known = Scheduler._known_fields
@@ -266,8 +295,21 @@ class Scheduler:
             ts = np.round(np.linspace(0, T - 1, n))[::-1]
         return torch.from_numpy(ts.astype(np.int64))
 
+    def checked_timesteps(self, num_inference_steps: int) -> Tensor:
+        """``timesteps(num_inference_steps)`` for a sampler to run: a ValueError if steps_offset pushed one past
+        T - 1 (diffusers lists such a timestep, e.g. 1000 for N = T = 1000 with "leading" spacing and
+        steps_offset 1, and fails at its step)."""
+        ts = self.timesteps(num_inference_steps)
+        if int(ts.max()) >= self.num_train_timesteps:
+            raise ValueError(f"steps_offset={self._config.steps_offset} puts timesteps({num_inference_steps}) past "
+                             f"the last training step {self.num_train_timesteps - 1} (got {int(ts.max())}); use "
+                             "fewer steps or a smaller steps_offset")
+        return ts
+
     def _split(self, model_output: Tensor, sample: Tensor) -> tuple[Tensor, Tensor | None]:
         """(prediction, learned variance or None); the prediction must have the sample's shape."""
+        check_tensor("model_output", model_output, floating=True)
+        check_tensor("sample", sample, floating=True)
         return split_learned_variance(model_output, sample, getattr(self._config, "variance_type", None))
 
     def check_timesteps(self, t: int | Tensor) -> Tensor:
@@ -279,6 +321,18 @@ class Scheduler:
         if ((tensor < 0) | (tensor >= self.num_train_timesteps)).any():
             raise ValueError(f"timestep {tensor.tolist()} is outside [0, {self.num_train_timesteps - 1}]")
         return tensor.long()
+
+    def timestep_index(self, t: int | Tensor) -> int:
+        """One timestep (an int, or a one-element tensor) as an int, checked like ``check_timesteps``."""
+        if isinstance(t, (bool, np.bool_)) or not (isinstance(t, (int, float, np.number)) or
+                                                  torch.is_tensor(t) and t.numel() == 1):
+            got = f"a tensor of shape {tuple(t.shape)}" if torch.is_tensor(t) else type(t).__name__
+            raise TypeError(f"timestep: expected one timestep (an int or a one-element tensor), got {got}")
+        if isinstance(t, (int, np.integer)) or torch.is_tensor(t) and t.dtype in _INTEGER_DTYPES:  # the fast path
+            if not 0 <= int(t) < self.num_train_timesteps:
+                raise ValueError(f"timestep {int(t)} is outside [0, {self.num_train_timesteps - 1}]")
+            return int(t)
+        return int(self.check_timesteps(t))
 
     def _alpha_sigma(self, t: int) -> tuple[Tensor, Tensor]:
         """sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t): x_t = alpha x0 + sigma eps."""
@@ -301,23 +355,29 @@ class Scheduler:
     def predict_x0(self, model_output: Tensor, t: int | Tensor, sample: Tensor) -> Tensor:
         """The predicted x0 at timestep ``t``, clipped or thresholded as the config says (what
         ``step(...).pred_original_sample`` returns); differentiable, for guidance."""
-        return self._clip(self._x0_eps(self._split(model_output, sample)[0], int(self.check_timesteps(t)), sample)[0])
+        return self._clip(self._x0_eps(self._split(model_output, sample)[0], self.timestep_index(t), sample)[0])
 
     def _forward_coefficients(self, t: Tensor | int, like: Tensor) -> tuple[Tensor, Tensor]:
         """sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t) in ``like``'s dtype/device, shaped to broadcast."""
+        check_tensor("x0", like, floating=True)
         alpha_bar = self._alphas_cumprod.to(device=like.device, dtype=like.dtype)
         a = alpha_bar[self.check_timesteps(t).to(like.device)].flatten()
+        if a.numel() not in (1, like.shape[0]):
+            raise ValueError(f"timestep: {a.numel()} timesteps for a batch of {like.shape[0]}; pass one, or one "
+                             "per sample")
         a = a.reshape(-1, *(1,) * (like.ndim - 1))
         return a ** 0.5, (1 - a) ** 0.5
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor | int) -> Tensor:
         """q(x_t | x0) sample: sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps (Ho et al. 2020 eq. 4)."""
         sqrt_a, sqrt_1ma = self._forward_coefficients(t, x0)
+        _check_noise(noise, x0)
         return sqrt_a * x0 + sqrt_1ma * noise
 
     def get_velocity(self, x0: Tensor, noise: Tensor, t: Tensor | int) -> Tensor:
         """v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0 (Salimans & Ho 2022, sec. 4)."""
         sqrt_a, sqrt_1ma = self._forward_coefficients(t, x0)
+        _check_noise(noise, x0)
         return sqrt_a * noise - sqrt_1ma * x0
 
     def training_target(self, x0: Tensor, noise: Tensor, t: Tensor | int) -> Tensor:
@@ -326,13 +386,15 @@ class Scheduler:
         return noise if kind == "epsilon" else x0 if kind == "sample" else self.get_velocity(x0, noise, t)
 
     @staticmethod
-    def _noise(needed: bool, like: Tensor, generator: Generator, noise: Tensor | None) -> Tensor | None:
-        """The step noise: ``noise`` if given, else drawn from ``generator`` only when the step uses it,
-        so the generator advances exactly as in diffusers."""
+    def _noise(needed: bool, like: Tensor, generator: Generator, noise: Tensor | None,
+               dtype: torch.dtype | None = None) -> Tensor | None:
+        """The step noise: ``noise`` if given, else drawn (in ``dtype``, default the sample's) from ``generator``
+        only when the step uses it, so the generator advances exactly as in diffusers."""
+        check_tensor("sample", like, floating=True)
         if noise is not None and generator is not None:
             raise ValueError("pass either generator or noise to step(), not both")
-        if noise is not None and noise.shape != like.shape:
-            raise ValueError(f"noise has shape {tuple(noise.shape)}; the step needs the sample's {tuple(like.shape)}")
+        if noise is not None:
+            _check_noise(noise, like, "the step needs the sample's")
         if noise is not None or not needed:
             return noise
-        return randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+        return randn(like.shape, generator=generator, device=like.device, dtype=dtype or like.dtype)

@@ -30,10 +30,10 @@ class DDPMScheduler(Scheduler):
 
     def previous_timestep(self, t: int | Tensor, num_inference_steps: int) -> int:
         """The entry after ``t`` in ``timesteps(num_inference_steps)``, or -1 after the last one."""
-        ts = self.timesteps(num_inference_steps).tolist()
-        if int(t) not in ts:
-            raise ValueError(f"timestep {int(t)} is not one of timesteps({num_inference_steps}) = {ts}")
-        i = ts.index(int(t))
+        ts, t = self.timesteps(num_inference_steps).tolist(), self.timestep_index(t)
+        if t not in ts:
+            raise ValueError(f"timestep {t} is not one of timesteps({num_inference_steps}) = {ts}")
+        i = ts.index(t)
         return ts[i + 1] if i + 1 < len(ts) else -1
 
     def update(self, model_output: Tensor, t: int, prev_t: int, sample: Tensor,
@@ -42,7 +42,7 @@ class DDPMScheduler(Scheduler):
         t -> prev_t): with alpha' = a_t / a_p and beta' = 1 - alpha',
         mean = sqrt(a_p) beta' / (1 - a_t) x0 + sqrt(alpha') (1 - a_p) / (1 - a_t) x_t, plus std * noise
         at every t > 0 (diffusers' rule: only t = 0 returns the bare mean)."""
-        t, prev_t = int(t), int(prev_t)
+        t, prev_t = self.timestep_index(t), int(prev_t)
         model_output, predicted_variance = self._split(model_output, sample)
         a_t = self._alphas_cumprod[t]
         a_p = self._alphas_cumprod[prev_t] if prev_t >= 0 else torch.tensor(1.0)
@@ -75,7 +75,7 @@ class DDPMScheduler(Scheduler):
     def step(self, model_output: Tensor, timestep: int | Tensor, sample: Tensor, *, num_inference_steps: int,
              generator: Generator = None, noise: Tensor | None = None) -> SchedulerOutput:
         """One step of an N-step schedule; noise is drawn (randn of the sample's shape) only when t > 0."""
-        t = int(timestep)
+        t = self.timestep_index(timestep)
         prev_t = self.previous_timestep(t, num_inference_steps)
         noise = self._noise(t > 0, sample, generator, noise)
         return self.update(model_output, t, prev_t, sample, noise)

@@ -69,6 +69,8 @@ class DPMSolverMultistepSchedulerConfig(SchedulerConfig):
         if self.final_sigmas_type == "zero" and not self.algorithm_type.endswith("++"):
             raise ValueError(f"{name}.final_sigmas_type='zero' needs algorithm_type 'dpmsolver++' or "
                              f"'sde-dpmsolver++', got {self.algorithm_type!r}; use final_sigmas_type='sigma_min'")
+        if math.isnan(self.lambda_min_clipped):
+            raise ValueError(f"{name}.lambda_min_clipped=nan: expected a number (-inf: keep every timestep)")
         if self.algorithm_type.startswith("sde") and self.solver_order == 3:
             raise ValueError(f"{name}: algorithm_type={self.algorithm_type!r} supports solver_order 1 or 2 "
                              "(the papers' SDE solvers), got 3")
@@ -120,6 +122,9 @@ class DPMSolverMultistepScheduler(Scheduler):
         lambdas = torch.log(alpha_bar ** 0.5) - torch.log((1 - alpha_bar) ** 0.5)
         clipped = int(torch.searchsorted(lambdas.flip(0), self._config.lambda_min_clipped))
         self._last = self.num_train_timesteps - clipped
+        if self._last < 1:
+            raise ValueError(f"lambda_min_clipped={self._config.lambda_min_clipped} leaves out every timestep (the "
+                             f"largest lambda is {float(lambdas[0]):.3g}); use a smaller value, -inf keeps them all")
 
     def timesteps(self, num_inference_steps: int) -> Tensor:
         """diffusers' DPMSolverMultistepScheduler.set_timesteps(N): with L = the timesteps whose lambda is
@@ -147,7 +152,7 @@ class DPMSolverMultistepScheduler(Scheduler):
 
     def previous_timestep(self, t: int | Tensor, num_inference_steps: int) -> int:
         """The entry after ``t`` in ``timesteps(num_inference_steps)``, or -1 (the final noise level) after the last."""
-        i, ts = self._position(int(t), num_inference_steps)
+        i, ts = self._position(self.timestep_index(t), num_inference_steps)
         return ts[i + 1] if i + 1 < len(ts) else -1
 
     def _alpha_sigma(self, t: int) -> tuple[Tensor, Tensor]:
@@ -175,7 +180,11 @@ class DPMSolverMultistepScheduler(Scheduler):
         ``history`` (the (timestep, output) pairs of earlier steps, oldest first). ``noise`` is the fresh
         noise of the SDE types. Computed in float32 at least; returns x_{prev_t}, the predicted x0 and the
         history for the next step."""
-        t, prev_t, cfg = int(t), int(prev_t), self._config
+        t, prev_t, cfg = self.timestep_index(t), int(prev_t), self._config
+        if not isinstance(history, (tuple, list)) or not all(
+                isinstance(e, tuple) and len(e) == 2 and torch.is_tensor(e[1]) for e in history):
+            raise TypeError("history must be the (timestep, tensor) pairs of the earlier steps, as the previous "
+                            f"step's MultistepOutput.history holds them; got {type(history).__name__}")
         order = min(cfg.solver_order, len(history) + 1) if order is None else order
         if not 1 <= order <= min(cfg.solver_order, len(history) + 1):
             raise ValueError(f"order={order} needs 1 <= order <= solver_order={cfg.solver_order} and "
@@ -230,9 +239,9 @@ class DPMSolverMultistepScheduler(Scheduler):
              history: History = (), generator: Generator = None, noise: Tensor | None = None) -> MultistepOutput:
         """One step of an N-step schedule, in the order diffusers takes; an SDE type draws its noise
         (float32, the sample's shape) from ``generator`` at every step, after the model output."""
-        t = int(timestep)
+        t = self.timestep_index(timestep)
         index, ts = self._position(t, num_inference_steps)
         prev_t = ts[index + 1] if index + 1 < len(ts) else -1
-        noise = self._noise(self._config.algorithm_type.startswith("sde"), sample.float(), generator, noise)
+        noise = self._noise(self._config.algorithm_type.startswith("sde"), sample, generator, noise, torch.float32)
         order = self._order(index, len(ts), len(history))
         return self.update(model_output, t, prev_t, sample, history, noise, order=order)

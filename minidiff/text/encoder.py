@@ -13,6 +13,7 @@ from einops import rearrange
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ..checks import check_finite_tensors
 from ..files import atomic_path, read_json, write_json
 from .tokenizer import WordTokenizer
 
@@ -109,6 +110,7 @@ class TextEncoder(nn.Module):
         if problems:
             raise ValueError(f"{file}: weights do not match the config (missing, unexpected or reshaped: "
                              f"{problems[:5]})")
+        check_finite_tensors(state, file)
         self.load_state_dict(state)
 
     def extra_repr(self) -> str:

@@ -38,9 +38,11 @@ class WordTokenizer:
     @classmethod
     def from_captions(cls, captions: Iterable[str], max_length: int | None = None) -> WordTokenizer:
         """The vocabulary of ``captions`` (sorted), and by default room for the longest one."""
+        if isinstance(captions, str) or not isinstance(captions, Iterable):
+            raise TypeError(f"captions must be a list of str, got {type(captions).__name__}")
         split = [words(c) for c in captions]
         longest = max((len(w) for w in split), default=1)
-        return cls(sorted({w for ws in split for w in ws}), max_length or longest + 1)
+        return cls(sorted({w for ws in split for w in ws}), longest + 1 if max_length is None else max_length)
 
     def __len__(self) -> int:
         """Number of token ids (the vocabulary and the two special tokens)."""
@@ -65,5 +67,10 @@ class WordTokenizer:
 
     def decode(self, ids: Tensor) -> list[str]:
         """The prompts of (B, L) token ids (special tokens dropped)."""
+        ids = torch.as_tensor(ids)
+        if ids.ndim != 2 or ids.is_floating_point() or ids.dtype == torch.bool or \
+                ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < len(self.ids):
+            raise ValueError(f"ids: expected (B, L) integer token ids in [0, {len(self.ids) - 1}], got "
+                             f"{ids.dtype} of shape {tuple(ids.shape)}")
         names = list(self.ids)
         return [" ".join(names[i] for i in row if i > 1) for row in ids.tolist()]

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from ..checks import check_type
+from ..checks import check_device, check_type
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -34,6 +34,7 @@ class TrainConfig:
     adam_betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0              # AdamW's decoupled weight decay
     max_grad_norm: float | None = 1.0      # clip the global gradient norm; None: no clipping
+    snr_gamma: float | None = None         # Min-SNR-gamma loss weights (Hang et al. 2023), e.g. 5; None: plain MSE
     ema_decay: float = 0.999               # EMA of the weights; 0 disables it
     ema_warmup: bool = True                # decay min(ema_decay, (1 + n) / (10 + n)) at update n
     mixed_precision: str = "no"            # no | bf16 (CPU or CUDA autocast) | fp16 (CUDA, loss scaling)
@@ -63,6 +64,11 @@ class TrainConfig:
             value = getattr(self, name)
             if (value is not None or name != "max_steps") and (type(value) is not int or value < low):
                 raise ValueError(f"TrainConfig.{name}={value!r}: expected an int >= {low}")
+        if not self.output_dir:
+            raise ValueError("TrainConfig.output_dir='': expected a folder path")
+        if self.seed >= 2 ** 32:
+            raise ValueError(f"TrainConfig.seed={self.seed}: expected an int in [0, 2**32)")
+        check_device("TrainConfig.device", self.device)
         for name, allowed in (("lr_schedule", LR_SCHEDULES), ("mixed_precision", MIXED_PRECISION)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}; allowed: {list(allowed)}")
@@ -74,6 +80,8 @@ class TrainConfig:
         if not 0 <= self.ema_decay < 1 or not 0 <= self.cond_drop_prob < 1:
             raise ValueError(f"TrainConfig: ema_decay={self.ema_decay} and cond_drop_prob={self.cond_drop_prob} "
                              "must be in [0, 1)")
+        if self.snr_gamma is not None and not self.snr_gamma > 0:
+            raise ValueError(f"TrainConfig.snr_gamma={self.snr_gamma}: expected None or a number > 0")
         if not all(0 <= beta < 1 for beta in self.adam_betas):
             raise ValueError(f"TrainConfig.adam_betas={self.adam_betas}: both must be in [0, 1)")
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 
 def epoch_permutation(num_items: int, seed: int, epoch: int) -> list[int]:
@@ -56,7 +56,16 @@ def data_loader(dataset: Dataset, batch_size: int, seed: int, start: int = 0, ra
     # workers' seeds follow ``start``: with num_workers > 0 and random augmentation in the dataset, a
     # resumed run differs from an uninterrupted one.
     seeds = torch.Generator().manual_seed(seed * 1_000_003 + start)
-    return DataLoader(dataset, batch_sampler=sampler, generator=seeds, **kwargs)
+    return DataLoader(dataset, batch_sampler=sampler, generator=seeds, collate_fn=_collate, **kwargs)
+
+
+def _collate(items: list[Any]) -> Any:
+    """torch's default collation, with an error naming the cause when the items of a batch differ."""
+    try:
+        return default_collate(items)
+    except RuntimeError as err:
+        raise ValueError(f"dataset items cannot be stacked into a batch: every item must have the same shapes and "
+                         f"kinds ({err})") from None
 
 
 def setup_distributed(device: str | None = None) -> tuple[int, int, torch.device, bool]:

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..files import atomic_path
 from ..sampling import sample
-from ..schedulers import DDIMScheduler, DDPMScheduler
+from ..schedulers import DDIMScheduler, DDPMScheduler, Scheduler
 
 
 class MetricsLog:
@@ -89,13 +89,14 @@ def plot_loss(rows: list[dict[str, Any]], path: str | os.PathLike, smoothing: fl
 
 
 @torch.no_grad()
-def fixed_seed_samples(unet: nn.Module, scheduler: DDPMScheduler | DDIMScheduler, *, num_images: int = 8,
-                       num_inference_steps: int = 50, seed: int = 0, **conditioning: Tensor | None) -> Tensor:
-    """``num_images`` DDIM samples (eta 0) in [0, 1] at ``unet.config.sample_size``, from noise drawn on
-    the CPU with ``seed``: the same seed gives the same starting noise on any device, so grids taken at
-    different steps (or before and after fine-tuning) are comparable image by image. ``conditioning``
-    (class_labels, conditioning_image, encoder_hidden_states) goes to ``minidiff.sample``."""
-    ddim = DDIMScheduler.from_config(scheduler.config)
+def fixed_seed_samples(unet: nn.Module, scheduler: Scheduler, *, num_images: int = 8, num_inference_steps: int = 50,
+                       seed: int = 0, **conditioning: Tensor | None) -> Tensor:
+    """``num_images`` samples in [0, 1] at ``unet.config.sample_size``, from noise drawn on the CPU with
+    ``seed``: the same seed gives the same starting noise on any device, so grids taken at different steps (or
+    before and after fine-tuning) are comparable image by image. A DDPM scheduler samples with DDIM (eta 0) of
+    its config, a DDIM or DPM-Solver scheduler as it is. ``conditioning`` (class_labels, conditioning_image,
+    encoder_hidden_states) goes to ``minidiff.sample``."""
+    solver = DDIMScheduler.from_config(scheduler.config) if isinstance(scheduler, DDPMScheduler) else scheduler
     size = unet.config.sample_size
     height, width = (size, size) if isinstance(size, int) else size
     noise = torch.randn((num_images, unet.config.in_channels, height, width),
@@ -103,7 +104,7 @@ def fixed_seed_samples(unet: nn.Module, scheduler: DDPMScheduler | DDIMScheduler
     was_training = unet.training
     unet.eval()
     try:
-        x = sample(unet, ddim, batch_size=num_images, num_inference_steps=num_inference_steps, noise=noise,
+        x = sample(unet, solver, batch_size=num_images, num_inference_steps=num_inference_steps, noise=noise,
                    progress=False, **conditioning)
     finally:
         unet.train(was_training)

@@ -7,12 +7,43 @@ import random
 import signal
 import threading
 import types
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from ..models import UNet
+from ..sampling.editing import check_images
+from ..schedulers import Scheduler
+from .config import TrainConfig
+
+
+def check_arguments(unet: Any, scheduler: Any, dataset: Any, config: Any) -> None:
+    """The Trainer's arguments: a minidiff UNet and scheduler, a non-empty dataset, a TrainConfig whose
+    output_dir is a folder and whose sample grids fit the scheduler."""
+    for name, value, kind in (("unet", unet, UNet), ("scheduler", scheduler, Scheduler),
+                              ("config", config, TrainConfig)):
+        if not isinstance(value, kind):
+            raise TypeError(f"{name} must be a minidiff {kind.__name__}, got {type(value).__name__}")
+    if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__") or len(dataset) == 0:
+        got = "an empty dataset" if hasattr(dataset, "__len__") else type(dataset).__name__
+        raise ValueError(f"dataset must be a non-empty map-style dataset (len and [i]), got {got}")
+    if Path(config.output_dir).exists() and not Path(config.output_dir).is_dir():
+        raise FileExistsError(f"TrainConfig.output_dir={config.output_dir!r} exists and is not a folder")
+    if config.log_samples_every and config.sample_steps > scheduler.num_train_timesteps:
+        raise ValueError(f"TrainConfig.sample_steps={config.sample_steps} must be <= the scheduler's "
+                         f"num_train_timesteps={scheduler.num_train_timesteps} (or log_samples_every=0)")
+
+
+def check_image(image: Tensor) -> None:
+    """The first dataset image, as every one must be: a floating-point (C, H, W) tensor in [-1, 1]."""
+    if not torch.is_tensor(image) or image.ndim != 3:
+        got = tuple(image.shape) if torch.is_tensor(image) else type(image).__name__
+        raise ValueError(f"dataset images must be (C, H, W) tensors in [-1, 1], got {got}")
+    check_images(image[None], image.shape[0], "dataset images")
 
 
 def prepare_unet(unet: nn.Module, image_shape: tuple[int, ...]) -> nn.Module:
@@ -22,6 +53,10 @@ def prepare_unet(unet: nn.Module, image_shape: tuple[int, ...]) -> nn.Module:
     if config.in_channels != channels or config.out_channels != channels:
         raise ValueError(f"the images have {channels} channels but the UNet has in_channels={config.in_channels}, "
                          f"out_channels={config.out_channels} (learned-variance outputs are not trained here)")
+    factor = 2 ** (len(config.block_out_channels) - 1)
+    if height % factor or width % factor:
+        raise ValueError(f"the images are {height}x{width} but this UNet's {len(config.block_out_channels)} levels "
+                         f"need a height and width that are multiples of {factor}")
     unet.config = config.replace(sample_size=height if height == width else (height, width))
     return unet
 

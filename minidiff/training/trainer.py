@@ -37,7 +37,8 @@ from ..schedulers import DDIMScheduler, DDPMScheduler
 from .config import RESUMABLE_CHANGES, TrainConfig, lr_factor
 from .log import MetricsLog, fixed_seed_samples, grid_labels, save_sample_grid
 from .conditions import ConditionedUNet, Conditions, check_conditions, drop_conditions, split_batch
-from .setup import autocast_dtype, enable_gradient_checkpointing, prepare_unet, seed_everything, stop_on_signals
+from .setup import (autocast_dtype, check_arguments, check_image, enable_gradient_checkpointing, prepare_unet,
+                    seed_everything, stop_on_signals)
 from ..text import TextEncoder
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class Trainer:
 
     def __init__(self, unet: nn.Module, scheduler: DDPMScheduler | DDIMScheduler, dataset: Dataset,
                  config: TrainConfig = TrainConfig(), text_encoder: TextEncoder | None = None):
+        check_arguments(unet, scheduler, dataset, config)
         c, self.config, self.scheduler, self.dataset = config, config, scheduler, dataset
         self.rank, self.world_size, self.device, self._owns_group = setup_distributed(c.device)
         self.batches_per_epoch = EpochBatches(len(dataset), c.batch_size, c.seed, 0, self.rank,
@@ -70,6 +72,7 @@ class Trainer:
         if text_encoder is not None and not isinstance(text_encoder, TextEncoder):
             raise TypeError(f"text_encoder must be a minidiff.text.TextEncoder, got {type(text_encoder).__name__}")
         first_image, first_conditions = split_batch(dataset[0])
+        check_image(first_image)
         self.image_shape = tuple(first_image.shape)
         self.unet = prepare_unet(unet, self.image_shape).to(self.device).train()
         self.net = ConditionedUNet(self.unet, text_encoder).to(self.device).train()
@@ -127,7 +130,11 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self._amp_dtype or torch.float32,
                             enabled=self._amp_dtype is not None):
             prediction = self.model(x_t, t, **conditioning)
-        return F.mse_loss(prediction.float(), target.float())
+        if self.config.snr_gamma is None:
+            return F.mse_loss(prediction.float(), target.float())
+        weights = min_snr_weights(self.scheduler.alphas_cumprod.to(self.device)[t],
+                                  self.scheduler.config.prediction_type, self.config.snr_gamma)
+        return (weights * (prediction.float() - target.float()).square().flatten(1).mean(1)).mean()
 
     def optimizer_step(self) -> tuple[float, float]:
         """Set the lr, clip, step, clear the gradients, update the EMA; returns (lr, grad_norm)."""
@@ -336,3 +343,14 @@ def train(unet: nn.Module, scheduler: DDPMScheduler | DDIMScheduler, dataset: Da
     """Train ``unet`` (and ``text_encoder``) on ``dataset`` with ``config`` (see ``Trainer``); returns the
     TrainResult."""
     return Trainer(unet, scheduler, dataset, config, text_encoder).run()
+
+
+def min_snr_weights(alpha_bar: Tensor, prediction_type: str, gamma: float) -> Tensor:
+    """Per-sample loss weights of Min-SNR-gamma (Hang et al. 2023, eq. 9): each timestep's x0-error weight is
+    min(SNR_t, gamma), SNR_t = alpha_bar_t / (1 - alpha_bar_t); the MSE of eps already weights it by SNR_t
+    and that of v by SNR_t + 1, so those are divided out (an SNR of 0 keeps eps's weight at its limit, 1)."""
+    snr = alpha_bar / (1 - alpha_bar)
+    clipped = snr.clamp(max=gamma)
+    if prediction_type == "epsilon":
+        return torch.where(snr > 0, clipped / snr, torch.ones_like(snr))
+    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped

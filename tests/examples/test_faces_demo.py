@@ -71,6 +71,9 @@ def test_faces_demo_end_to_end(tmp_path, tiny_base, monkeypatch, minidiff_cache,
 def test_faces_demo_defaults_are_the_main_job():
     args = load_finetune().parse_args([])
     assert (args.start_model, args.dataset, args.image_size, args.eval_samples) == ("photos-32", "faces", 24, 64)
+    for bad in (["--eval_steps", "0"], ["--eval_samples", "0"], ["--snr_gamma", "nan"], ["--snr_gamma", "-1"]):
+        with pytest.raises(SystemExit):
+            load_finetune().parse_args(bad)
 
 
 def test_gradio_app_offers_the_finetuned_faces_model(tmp_path, tiny_base):

@@ -113,3 +113,60 @@ def test_integer_weights_are_refused(folder):
 def test_a_bad_dtype_argument_is_refused(folder):
     with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
         minidiff.load_unet(folder, dtype="float16")
+
+
+# ------------------------------------------------------------------------------------ found by the issue-19 attack
+@pytest.mark.parametrize("path", [None, 123, ""])
+def test_a_path_that_is_not_a_path_is_named(path):
+    with pytest.raises(TypeError, match=r"path=.*: expected a folder path"):
+        minidiff.load_unet(path)
+
+
+def test_a_config_nested_too_deeply_is_malformed_json(folder):
+    (folder / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=r"config\.json: malformed JSON \(nested too deeply\)"):
+        minidiff.load_unet(folder)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_naming_the_tensor(folder, value):
+    state = load_file(folder / WEIGHTS)
+    state["conv_in.bias"] = torch.full_like(state["conv_in.bias"], value)
+    save_file(state, str(folder / WEIGHTS))
+    with pytest.raises(ValueError, match=r"1 tensors hold NaN or inf values: conv_in\.bias"):
+        minidiff.load_unet(folder)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(variant="../x"), ValueError, r"variant='\.\./x': expected None or a name such as 'fp16'"),
+    (dict(variant=""), ValueError, r"variant='': expected None or a name"),
+    (dict(variant=5), ValueError, r"variant=5: expected None or a name"),
+    (dict(device="gpu"), ValueError, r"load_unet: device='gpu' is not a torch device"),
+    (dict(strict="no"), TypeError, r"load_unet: strict='no': expected bool"),
+])
+def test_bad_load_options_are_named(folder, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        minidiff.load_unet(folder, **kwargs)
+
+
+@pytest.mark.parametrize("config, error, message", [
+    ({"_class_name": ["DDIMScheduler"]}, ValueError, r"scheduler \['DDIMScheduler'\] is not supported"),
+    ({"_class_name": "DDIMScheduler", "num_train_timesteps": 10 ** 11}, ValueError,
+     r"num_train_timesteps must be in \[1, 1000000\]"),
+    ({"_class_name": "DDIMScheduler", "num_train_timesteps": 3, "trained_betas": "abc"}, TypeError,
+     r"trained_betas: expected a list of floats"),
+])
+def test_bad_scheduler_configs_are_named(tmp_path, config, error, message):
+    (tmp_path / "scheduler_config.json").write_text(json.dumps(config))
+    with pytest.raises(error, match=message):
+        minidiff.load_scheduler(tmp_path)
+
+
+def test_saving_something_else_or_onto_a_file_is_refused(tmp_path):
+    with pytest.raises(TypeError, match=r"save_unet: unet must be a minidiff.UNet, got Linear"):
+        minidiff.save_unet(torch.nn.Linear(2, 2), tmp_path / "linear")
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(FileExistsError, match=r"a_file: exists and is not a folder"):
+        minidiff.save_unet(minidiff.UNet.from_config(TINY), tmp_path / "a_file")
+    with pytest.raises(TypeError, match=r"save_pipeline: scheduler must be a minidiff scheduler, got NoneType"):
+        minidiff.save_pipeline(minidiff.UNet.from_config(TINY), None, tmp_path / "pipe")

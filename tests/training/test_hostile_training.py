@@ -126,3 +126,54 @@ def test_a_trainer_state_missing_a_key_is_named(tmp_path):
     info_path.write_text(json.dumps(info))
     with pytest.raises(ValueError, match=rf"{ckpt.TRAINER_STATE}: missing keys \['ema_num_updates'\]"):
         Trainer(tiny_unet(), scheduler(), images(), TrainConfig(output_dir=str(tmp_path), resume=True, **FAST))
+
+
+# ------------------------------------------------------------------------------------ found by the issue-19 attack
+@pytest.mark.parametrize("field, value, message", [
+    ("output_dir", "", r"TrainConfig.output_dir='': expected a folder path"),
+    ("device", "gpu", r"TrainConfig.device='gpu' is not a torch device"),
+    ("device", "", r"TrainConfig.device='' is not a torch device"),
+    ("seed", 2 ** 70, r"TrainConfig.seed=\d+: expected an int in \[0, 2\*\*32\)"),
+])
+def test_bad_paths_devices_and_seeds_are_refused(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{field: value})
+
+
+@pytest.mark.parametrize("data, error, message", [
+    ([], ValueError, r"dataset must be a non-empty map-style dataset"),
+    ([torch.zeros(3, 8, 8, dtype=torch.uint8)] * 4, TypeError, r"dataset images must be floating-point images"),
+    ([torch.full((3, 8, 8), 200.0)] * 4, ValueError, r"dataset images must hold images in \[-1, 1\]"),
+    ([torch.zeros(1, 3, 8, 8)] * 4, ValueError, r"dataset images must be \(C, H, W\) tensors"),
+    ([torch.zeros(3, 7, 8)] * 4, ValueError, r"the images are 7x8 but .* multiples of 2"),
+])
+def test_bad_datasets_are_named_before_training(tmp_path, data, error, message):
+    with pytest.raises(error, match=message):
+        Trainer(tiny_unet(), scheduler(), data, TrainConfig(output_dir=str(tmp_path), **FAST))
+
+
+def test_items_that_cannot_form_a_batch_are_named(tmp_path):
+    data = [torch.zeros(3, 8, 8), torch.zeros(3, 16, 16)]
+    trainer = Trainer(tiny_unet(), scheduler(), data, TrainConfig(output_dir=str(tmp_path), **{**FAST, "batch_size": 2}))
+    with pytest.raises(ValueError, match=r"dataset items cannot be stacked into a batch: every item must have the same"):
+        trainer.run()
+
+
+def test_arguments_of_the_wrong_kind_are_named(tmp_path):
+    config = TrainConfig(output_dir=str(tmp_path), **FAST)
+    with pytest.raises(TypeError, match=r"scheduler must be a minidiff Scheduler, got str"):
+        Trainer(tiny_unet(), "ddpm", images(), config)
+    with pytest.raises(TypeError, match=r"unet must be a minidiff UNet, got Linear"):
+        Trainer(torch.nn.Linear(2, 2), scheduler(), images(), config)
+    with pytest.raises(TypeError, match=r"config must be a minidiff TrainConfig, got dict"):
+        Trainer(tiny_unet(), scheduler(), images(), dict(FAST))
+
+
+def test_sample_steps_past_the_schedule_and_a_file_as_output_dir_are_refused_before_training(tmp_path):
+    config = TrainConfig(output_dir=str(tmp_path), **{**FAST, "log_samples_every": 1, "sample_steps": 100})
+    with pytest.raises(ValueError, match=r"TrainConfig.sample_steps=100 must be <= the scheduler's "
+                                         r"num_train_timesteps=50"):
+        Trainer(tiny_unet(), scheduler(), images(), config)
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(FileExistsError, match=r"TrainConfig.output_dir=.*a_file' exists and is not a folder"):
+        Trainer(tiny_unet(), scheduler(), images(), TrainConfig(output_dir=str(tmp_path / "a_file"), **FAST))

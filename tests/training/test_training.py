@@ -26,6 +26,7 @@ from minidiff.io import list_pretrained, pretrained
 from minidiff.training.conditions import drop_conditions
 from minidiff.training.setup import enable_gradient_checkpointing, stop_on_signals
 from minidiff.training import TrainConfig, Trainer, lr_factor, train
+from minidiff.training.trainer import min_snr_weights
 
 FAST = dict(batch_size=4, log_samples_every=0, save_model_every=0, progress=False, lr=1e-3)
 
@@ -110,6 +111,34 @@ def test_config_validation():
             TrainConfig(max_minutes=bad)
     with pytest.raises(ValueError, match="fp16"):
         Trainer(tiny_unet(), scheduler(), images(), TrainConfig(mixed_precision="fp16", device="cpu", **FAST))
+
+
+def test_min_snr_weights():
+    """Min-SNR-gamma: x0-error weight min(SNR, gamma); eps and v losses carry SNR and SNR + 1 already."""
+    alpha_bar = torch.tensor([0.99, 0.8, 0.5, 0.1, 0.0])
+    snr = alpha_bar / (1 - alpha_bar)  # 99, 4, 1, 1/9, 0
+    eps = min_snr_weights(alpha_bar, "epsilon", 5.0)
+    torch.testing.assert_close(eps, torch.tensor([5 / 99, 1.0, 1.0, 1.0, 1.0]))
+    torch.testing.assert_close(min_snr_weights(alpha_bar, "v_prediction", 5.0), snr.clamp(max=5) / (snr + 1))
+    torch.testing.assert_close(min_snr_weights(alpha_bar, "sample", 5.0), snr.clamp(max=5))
+    with pytest.raises(ValueError, match="snr_gamma"):
+        TrainConfig(snr_gamma=0.0)
+
+
+def test_min_snr_loss_weights_each_sample(tmp_path):
+    """With snr_gamma the step loss is the weighted mean of the per-sample MSEs; None keeps plain MSE."""
+    def loss(**options):
+        config = TrainConfig(output_dir=str(tmp_path / str(options)), max_steps=1, **FAST, **options)
+        trainer = Trainer(tiny_unet(), scheduler(), images(), config)
+        return float(trainer.compute_gradients(trainer.batches())), trainer
+
+    plain, _ = loss()
+    weighted, trainer = loss(snr_gamma=0.5)
+    g = torch.Generator().manual_seed(0)  # the Trainer's first draw of timesteps
+    t = torch.randint(0, 50, (4,), generator=g)
+    w = min_snr_weights(trainer.scheduler.alphas_cumprod[t], "epsilon", 0.5)
+    assert weighted != pytest.approx(plain) and 0 < weighted < plain * w.max()
+    assert loss(snr_gamma=1e9)[0] == pytest.approx(plain, rel=1e-6)  # gamma above every SNR: weights 1
 
 
 # ------------------------------------------------------------------------------------ one step
