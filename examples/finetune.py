@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image_size", type=int, default=24, help="LFW's faces are 25x25: 24 keeps their detail")
     p.add_argument("--batch_size", type=int, default=16, help="global batch per micro-step, all processes")
     p.add_argument("--grad_accumulation_steps", type=int, default=1)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=4e-3)
     p.add_argument("--lr_schedule", choices=LR_SCHEDULES, default="cosine")
     p.add_argument("--warmup_steps", type=int, default=20)
     p.add_argument("--num_epochs", type=int, default=1)
@@ -176,7 +176,8 @@ def summary(results: dict) -> str:
     rows = [f"{'':<20}{'before':>10}{'after':>10}"]
     if "face_share" in before:
         rows.append(f"{'face share (judge)':<20}{before['face_share']:>10.1%}{after['face_share']:>10.1%}   "
-                    f"of {after['samples']} samples; judge held-out accuracy {results['judge_held_out_accuracy']:.1%}")
+                    f"of {after['samples']} samples ({results['eval_sampler']}, {results['eval_steps']} steps); "
+                    f"judge held-out accuracy {results['judge_held_out_accuracy']:.1%}")
         mem_b, mem_a = before["memorization"], after["memorization"]
         rows.append(f"{'near-copy share':<20}{mem_b['near_copy_share']:>10.1%}{mem_a['near_copy_share']:>10.1%}   "
                     f"near-copy: nearer a training face than {mem_a['threshold']:.3f}, the nearest any held-out "
@@ -227,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"trained to step {result.step} in {train_seconds:.0f} s; {last_loss}")
     after = measures(load_unet(args.output_dir), scheduler, "after")
     results = {"start_model": args.start_model, "dataset": args.dataset, "train_images": len(dataset),
-               "steps": result.step, "train_seconds": round(train_seconds, 1), "before": before, "after": after,
+               "steps": result.step, "train_seconds": round(train_seconds, 1), "eval_sampler": args.eval_sampler,
+               "eval_steps": args.eval_steps, "before": before, "after": after,
                "seconds": round(time.perf_counter() - started, 1)}
     if measures.faces:
         results["judge_held_out_accuracy"] = measures.judge.test_accuracy

@@ -48,11 +48,11 @@ def architecture(block_out_channels: tuple[int, ...]) -> UNetConfig:
 # the defaults of each recipe; every one can be overridden on the command line
 RECIPES = {
     "photos": dict(name="photos-32", channels=(32, 64, 128), max_steps=2500, batch_size=32, lr=2e-3,
-                   warmup_steps=100, ema_decay=0.998, num_samples=200_000,
+                   warmup_steps=100, ema_decay=0.998, snr_gamma=0.0, num_samples=200_000,
                    data="random crops (scale 0.1-0.3 of the shorter side, mirrored half of the time) of the "
                         "training columns (the left 70%) of scikit-image's 12 natural photographs"),
-    "shapes": dict(name="shapes-32", channels=(32, 64, 64), max_steps=900, batch_size=32, lr=2e-3,
-                   warmup_steps=50, ema_decay=0.995, num_samples=20_000,
+    "shapes": dict(name="shapes-32", channels=(32, 64, 64), max_steps=3500, batch_size=32, lr=2e-3,
+                   warmup_steps=50, ema_decay=0.998, snr_gamma=5.0, num_samples=20_000,
                    data="procedurally drawn images: a bright circle, square or triangle on a dark background"),
 }
 
@@ -64,8 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work_dir", default=None, help="checkpoints, grids, metrics (default outputs/pretrain-<name>)")
     for name in ("max_steps", "batch_size", "num_samples", "warmup_steps"):
         p.add_argument(f"--{name}", type=int, default=None, help="default: the recipe's")
-    for name in ("lr", "ema_decay"):
-        p.add_argument(f"--{name}", type=float, default=None, help="default: the recipe's")
+    for name in ("lr", "ema_decay", "snr_gamma"):
+        p.add_argument(f"--{name}", type=float, default=None, help="default: the recipe's (snr_gamma 0: plain MSE)")
     p.add_argument("--save_model_every", type=int, default=250)
     p.add_argument("--max_minutes", type=float, default=None, help="a time budget: stop (as at the end) after it")
     p.add_argument("--seed", type=int, default=0)
@@ -78,6 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.output_dir = args.output_dir or str(SHIPPED_DIR / recipe["name"])
     args.work_dir = args.work_dir or f"outputs/pretrain-{recipe['name']}"
     return args
+
+
+def loss_weights(snr_gamma: float) -> str:
+    return f"Min-SNR-gamma loss weights with gamma {snr_gamma:g}" if snr_gamma else "plain MSE loss"
 
 
 def model_card(args: argparse.Namespace, steps: int, seconds: float, final_loss: float) -> str:
@@ -95,8 +99,8 @@ minidiff as a base model to fine-tune. Load it with `unet, scheduler = minidiff.
 - **Noise schedule**: 1000 steps, squaredcos_cap_v2 betas, epsilon prediction.
 - **Training**: `python examples/pretrain.py --dataset {args.dataset} --seed {args.seed}`: {steps}
   AdamW steps of batch {args.batch_size}, lr {args.lr} with {args.warmup_steps} warm-up steps then cosine decay,
-  gradient clipping at 1.0, EMA decay {args.ema_decay} (with warm-up); these are the EMA weights. Mean loss of the
-  last 50 steps {final_loss:.4f}; {seconds / 60:.1f} minutes of wall time in the last (possibly resumed) session
+  gradient clipping at 1.0, EMA decay {args.ema_decay} (with warm-up), {loss_weights(args.snr_gamma)}; these are the
+  EMA weights. Mean loss of the last 50 steps {final_loss:.4f}; {seconds / 60:.1f} minutes of wall time in the last (possibly resumed) session
   on 2 CPU cores shared with other jobs (load average {os.getloadavg()[0]:.1f} at the end).
 - **Samples**: `samples.png` (16 images, 50 DDIM steps, seed 0).
 - **Measured**: `python benchmarks/base_models.py` prints the Fréchet distance of its samples to held-out real
@@ -112,7 +116,8 @@ def main(argv: list[str] | None = None) -> None:
     dataset = load_dataset(args.dataset, 32, num_samples=args.num_samples, seed=args.seed, **extra)
     config = TrainConfig(output_dir=args.work_dir, seed=args.seed, batch_size=args.batch_size,
                          max_steps=args.max_steps, lr=args.lr, warmup_steps=args.warmup_steps,
-                         lr_schedule="cosine", ema_decay=args.ema_decay, log_samples_every=250, max_minutes=args.max_minutes,
+                         lr_schedule="cosine", ema_decay=args.ema_decay, snr_gamma=args.snr_gamma or None,
+                         log_samples_every=250, max_minutes=args.max_minutes,
                          save_model_every=args.save_model_every, keep_checkpoints=2, resume=args.resume,
                          overwrite=not args.resume)
     start = time.perf_counter()

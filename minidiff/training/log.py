@@ -79,7 +79,7 @@ def plot_loss(rows: list[dict[str, Any]], path: str | os.PathLike, smoothing: fl
     ax = figure.add_subplot()
     ax.plot(steps, losses, alpha=0.3, label="loss")
     ax.plot(steps, smooth, label=f"EMA {smoothing}")
-    ax.set(xlabel="optimizer step", ylabel="MSE loss", yscale="log", title="training loss")
+    ax.set(xlabel="optimizer step", ylabel="loss", yscale="log", title="training loss")
     ax.legend()
     figure.tight_layout()
     path = Path(path)
