@@ -119,6 +119,7 @@ def measure_quality(model: str, args: argparse.Namespace) -> tuple[list[dict[str
     x_t = torch.randn(args.num_samples, 3, 32, 32, generator=torch.Generator().manual_seed(args.seed))
     rows = []
     for family, (make, step_counts) in samplers(scheduler.config, args.quick).items():
+        run_sampler(unet, make(), min(step_counts), x_t)  # untimed warm-up: first-call costs are not the sampler's
         for steps in step_counts:
             run = run_sampler(unet, make(), steps, x_t)
             fd = frechet_distance(judge_features(judge, run.pop("images")), reference)

@@ -12,6 +12,7 @@ sample grid and a model card go to ``--output_dir`` (by default the package's ``
 Interrupt it at any time (Ctrl-C saves a checkpoint) and continue with ``--resume``.
 
     nohup nice python examples/pretrain.py --dataset photos &     # 2500 steps, 1-1.5 hours on 2 CPU cores
+    nohup nice python examples/pretrain.py --dataset shapes &     # 3500 steps, about 30 minutes
     python examples/pretrain.py --dataset photos --resume         # continue an interrupted run
     python examples/pretrain.py --max_steps 20 --output_dir /tmp/try   # a quick try
 """
