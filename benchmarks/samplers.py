@@ -1,7 +1,7 @@
 """Samplers side by side on the shipped models: quality against model calls for DDPM, DDIM and DPM-Solver++
 (orders 2 and 3), wall time and sampler overhead; and DDIM inversion's reconstruction error next to diffusers'.
 
-    python benchmarks/samplers.py [--models shapes-32] [--num_samples 32] [--quick]
+    python benchmarks/samplers.py [--models shapes-32] [--num_samples 128] [--quick]
 
 Every sampler starts from the same x_T (same seed); DDIM is deterministic (eta = 0), DDPM draws its step noise
 from a second seeded generator. Each sampler is built from the model's own scheduler config
@@ -264,7 +264,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     shipped = [m for m in list_pretrained() if m in MODELS]
     p.add_argument("--models", nargs="+", default=shipped, choices=list(MODELS))
-    p.add_argument("--num_samples", type=int, default=32)
+    p.add_argument("--num_samples", type=int, default=128, help="samples per sampler (32 is too few to rank them)")
     p.add_argument("--num_reference", type=int, default=2000, help="held-out real images the FD compares with")
     p.add_argument("--num_inversion", type=int, default=8, help="held-out images to invert and reconstruct")
     p.add_argument("--inversion_steps", type=int, nargs="+", default=[10, 20, 50])
