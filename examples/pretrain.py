@@ -101,8 +101,8 @@ minidiff as a base model to fine-tune. Load it with `unet, scheduler = minidiff.
 - **Training**: `python examples/pretrain.py --dataset {args.dataset} --seed {args.seed}`: {steps}
   AdamW steps of batch {args.batch_size}, lr {args.lr} with {args.warmup_steps} warm-up steps then cosine decay,
   gradient clipping at 1.0, EMA decay {args.ema_decay} (with warm-up), {loss_weights(args.snr_gamma)}; these are the
-  EMA weights. Mean loss of the last 50 steps {final_loss:.4f}; {seconds / 60:.1f} minutes of wall time in the last (possibly resumed) session
-  on 2 CPU cores shared with other jobs (load average {os.getloadavg()[0]:.1f} at the end).
+  EMA weights. Mean loss of the last 50 steps {final_loss:.4f}; {seconds / 60:.1f} minutes of wall time in the last
+  (possibly resumed) session on 2 CPU cores shared with other jobs (load average {os.getloadavg()[0]:.1f} at the end).
 - **Samples**: `samples.png` (16 images, 50 DDIM steps, seed 0).
 - **Measured**: `python benchmarks/base_models.py` prints the Fréchet distance of its samples to held-out real
   images next to real-vs-real (`benchmarks/results/base_models.json`).

@@ -3,8 +3,9 @@
 A checkpoint is the folder ``<root>/step_XXXXXXX`` holding ``unet/`` (trained weights) and ``ema/`` (EMA
 weights), both diffusers model folders, ``text_encoder/`` and ``ema_text_encoder/`` when a text encoder
 trains, ``training_state.pt`` (optimizer, loss scaler, the RNG states of every process; read back with
-``weights_only=True``) and ``trainer_state.json`` (step, data position, EMA update count, config). It is written under a temporary name beside it and renamed into place only when
-complete: a crash mid-write never leaves a half-written ``step_*`` folder, and older ones are untouched.
+``weights_only=True``) and ``trainer_state.json`` (step, data position, EMA update count, config). It is
+written under a temporary name beside it and renamed into place only when complete: a crash mid-write never
+leaves a half-written ``step_*`` folder, and older ones are untouched.
 """
 from __future__ import annotations
 

@@ -126,19 +126,26 @@ def test_min_snr_weights():
 
 
 def test_min_snr_loss_weights_each_sample(tmp_path):
-    """With snr_gamma the step loss is the weighted mean of the per-sample MSEs; None keeps plain MSE."""
+    """With snr_gamma the loss is the weights' mean over the per-sample MSEs (computed here by hand);
+    gamma above every SNR gives plain MSE."""
+    x0, _ = next(iter(torch.utils.data.DataLoader(images(), batch_size=4)))
+    t, noise = torch.tensor([1, 10, 25, 49]), torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+
     def loss(**options):
         config = TrainConfig(output_dir=str(tmp_path / str(options)), max_steps=1, **FAST, **options)
         trainer = Trainer(tiny_unet(), scheduler(), images(), config)
-        return float(trainer.compute_gradients(trainer.batches())), trainer
+        with torch.no_grad():
+            value = trainer._loss(x0, {}, t, noise, torch.zeros(4, 1, dtype=torch.bool))
+            per_sample = (trainer.model(trainer.scheduler.add_noise(x0, noise, t), t) - noise).square().mean((1, 2, 3))
+        return float(value), per_sample, trainer
 
-    plain, _ = loss()
-    weighted, trainer = loss(snr_gamma=0.5)
-    g = torch.Generator().manual_seed(0)  # the Trainer's first draw of timesteps
-    t = torch.randint(0, 50, (4,), generator=g)
-    w = min_snr_weights(trainer.scheduler.alphas_cumprod[t], "epsilon", 0.5)
-    assert weighted != pytest.approx(plain) and 0 < weighted < plain * w.max()
-    assert loss(snr_gamma=1e9)[0] == pytest.approx(plain, rel=1e-6)  # gamma above every SNR: weights 1
+    plain, per_sample, trainer = loss()
+    assert plain == pytest.approx(float(per_sample.mean()), rel=1e-5)
+    weighted, per_sample, _ = loss(snr_gamma=2.0)
+    w = min_snr_weights(trainer.scheduler.alphas_cumprod[t], "epsilon", 2.0)
+    assert w.min() < 0.5 and w.max() == 1.0  # the early timesteps are down-weighted, the late ones not
+    assert weighted == pytest.approx(float((w * per_sample).mean()), rel=1e-5)
+    assert loss(snr_gamma=1e9)[0] == pytest.approx(plain, rel=1e-6)
 
 
 # ------------------------------------------------------------------------------------ one step
