@@ -4,10 +4,11 @@ from .io import list_pretrained, load_pipeline, load_scheduler, load_unet, pretr
 from .kernels import optimize, restore
 from .models import UNet, UNetConfig
 from .sampling import ColorGuidance, LossGuide, invert, sample
-from .schedulers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from .schedulers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 from .training import TrainConfig, Trainer, train
 
 __version__ = "0.1.0"
 __all__ = ["ColorGuidance", "DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "LossGuide", "TrainConfig",
-           "Trainer", "UNet", "UNetConfig", "invert", "list_pretrained", "load_pipeline", "load_scheduler", "load_unet",
-           "optimize", "pretrained", "restore", "save_pipeline", "save_unet", "sample", "train"]
+           "Trainer", "UNet", "UNetConfig", "UniPCMultistepScheduler", "invert", "list_pretrained", "load_pipeline",
+           "load_scheduler", "load_unet", "optimize", "pretrained", "restore", "save_pipeline", "save_unet", "sample",
+           "train"]

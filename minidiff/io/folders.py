@@ -20,11 +20,12 @@ from safetensors.torch import load_file, save_file
 from ..checks import check_device, check_finite_tensors, check_type
 from ..files import DIFFUSERS_VERSION, atomic_path, component_dir, read_json, write_json
 from ..models import UNet, UNetConfig
-from ..schedulers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, Scheduler
+from ..schedulers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, Scheduler, UniPCMultistepScheduler
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
 SCHEDULERS = {"DDPMScheduler": DDPMScheduler, "DDIMScheduler": DDIMScheduler,
-              "DPMSolverMultistepScheduler": DPMSolverMultistepScheduler}
+              "DPMSolverMultistepScheduler": DPMSolverMultistepScheduler,
+              "UniPCMultistepScheduler": UniPCMultistepScheduler}
 # pre-0.15 attention blocks (diffusers PR #3387): old projection name -> current name
 LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 _LEGACY_KEY = re.compile(r"\.(query|key|value|proj_attn)\.(weight|bias)$")

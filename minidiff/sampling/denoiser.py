@@ -19,7 +19,7 @@ def check_call(unet: Any, scheduler: Any, callback: Any) -> Tensor:
         raise TypeError(f"unet must be a model with a config (a minidiff.UNet), got {type(unet).__name__}")
     if not isinstance(scheduler, Scheduler):
         raise TypeError(f"scheduler must be a minidiff scheduler (DDPMScheduler, DDIMScheduler, "
-                        f"DPMSolverMultistepScheduler), got {type(scheduler).__module__}.{type(scheduler).__name__}; "
+                        f"DPMSolverMultistepScheduler, UniPCMultistepScheduler), got {type(scheduler).__module__}.{type(scheduler).__name__}; "
                         "convert a diffusers one with minidiff.DDIMScheduler.from_config(dict(its.config))")
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be a function (i, t, x, out) or None, got {type(callback).__name__}")

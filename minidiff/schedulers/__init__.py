@@ -4,7 +4,10 @@ from .base import (PREDICTION_TYPES, ClipSampleConfig, Generator, History, Multi
 from .ddim import DDIMScheduler, DDIMSchedulerConfig
 from .ddpm import DDPMScheduler, DDPMSchedulerConfig
 from .dpm_solver import DPMSolverMultistepScheduler, DPMSolverMultistepSchedulerConfig
+from .multistep import MultistepScheduler, MultistepSchedulerConfig
+from .unipc import UniPCMultistepScheduler, UniPCMultistepSchedulerConfig
 
 __all__ = ["ClipSampleConfig", "DDIMScheduler", "DDIMSchedulerConfig", "DDPMScheduler", "DDPMSchedulerConfig",
            "DPMSolverMultistepScheduler", "DPMSolverMultistepSchedulerConfig", "Generator", "History",
-           "MultistepOutput", "PREDICTION_TYPES", "Scheduler", "SchedulerConfig", "SchedulerOutput", "randn"]
+           "MultistepOutput", "MultistepScheduler", "MultistepSchedulerConfig", "PREDICTION_TYPES", "Scheduler",
+           "SchedulerConfig", "SchedulerOutput", "UniPCMultistepScheduler", "UniPCMultistepSchedulerConfig", "randn"]

@@ -33,8 +33,9 @@ IGNORED_KEYS = BOOKKEEPING_KEYS | {"timestep_values", "tensor_format"}
 # (which changes nothing; diffusers writes every option into the files it saves) loads, any other value raises.
 UNSUPPORTED_DEFAULTS = {"use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
                         "use_lu_lambdas": False, "use_flow_sigmas": False, "flow_shift": 1.0,
-                        "use_dynamic_shifting": False, "time_shift_type": "exponential"}
-_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str}
+                        "use_dynamic_shifting": False, "time_shift_type": "exponential", "solver_p": None,
+                        "sigma_min": None, "sigma_max": None, "shift_terminal": None}
+_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str, "tuple[int, ...]": tuple}
 _INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 MAX_TRAIN_TIMESTEPS = 1_000_000  # a longer chain is a broken config (diffusers' models use 1000 to 4000)
 

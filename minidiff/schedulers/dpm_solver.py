@@ -30,12 +30,12 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from .base import Generator, History, MultistepOutput, Scheduler, SchedulerConfig, x0_and_eps
+from .base import Generator, History, MultistepOutput, x0_and_eps
 from .ddpm import VARIANCE_TYPES
+from .multistep import MultistepScheduler, MultistepSchedulerConfig, check_history
 
 ALGORITHM_TYPES = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver")
 # lower_order_final lowers the order of the last steps only for schedules shorter than this (diffusers' rule)
@@ -43,23 +43,17 @@ LOWER_ORDER_FINAL_BELOW = 15
 
 
 @dataclass(frozen=True)
-class DPMSolverMultistepSchedulerConfig(SchedulerConfig):
-    solver_order: int = 2                  # 2 for guided sampling, 3 for unconditional (Lu et al. 2022b)
+class DPMSolverMultistepSchedulerConfig(MultistepSchedulerConfig):
     algorithm_type: str = "dpmsolver++"    # data (++) or noise prediction; sde-* add noise at every step
     solver_type: str = "midpoint"          # the order-2 term: midpoint or heun
-    lower_order_final: bool = True         # under 15 steps: order <= 2 at the last-but-one step, 1 at the last
     euler_at_final: bool = False           # order 1 at the last step whatever the number of steps
-    final_sigmas_type: str = "zero"        # noise level after the last step: 0, or sigma_0 ("sigma_min")
     lambda_min_clipped: float = -math.inf  # leave out the timesteps whose lambda is below this
     variance_type: str | None = None       # "learned"/"learned_range": the model's extra variance channels are dropped
-    timestep_spacing: str = "linspace"     # diffusers' default for this scheduler
 
     choices: ClassVar[dict[str, tuple]] = {
-        **SchedulerConfig.choices,
-        "solver_order": (1, 2, 3),
+        **MultistepSchedulerConfig.choices,
         "algorithm_type": ALGORITHM_TYPES,
         "solver_type": ("midpoint", "heun"),
-        "final_sigmas_type": ("zero", "sigma_min"),
         "variance_type": (None, *VARIANCE_TYPES),
     }
 
@@ -99,66 +93,20 @@ def _weights(lambdas: list[float], h: float, psi: tuple[float, float, float], mi
     return [psi0 + a / r0, -a / r0 + b / r1, -b / r1]
 
 
-class DPMSolverMultistepScheduler(Scheduler):
+class DPMSolverMultistepScheduler(MultistepScheduler):
     """DPM-Solver++ (default) and DPM-Solver, multistep, orders 1-3, with diffusers' config and images."""
     config_class = DPMSolverMultistepSchedulerConfig
 
     def __init__(self, **fields: object) -> None:
         super().__init__(**fields)
-        if self._config.rescale_betas_zero_snr:  # alpha_bar_T = 0 would give sigma_T = inf: diffusers' 2^-24
-            alphas_cumprod = self._alphas_cumprod.clone()
-            alphas_cumprod[-1] = 2.0 ** -24
-            self._alphas_cumprod = alphas_cumprod
-        alpha_bar = self._alphas_cumprod
-        s = ((1 - alpha_bar) / alpha_bar) ** 0.5  # the noise level of x_t / alpha_t, float32, as diffusers has it
-        # alpha = 1 / sqrt(s^2 + 1), sigma = s alpha, lambda = log(alpha / sigma) of every timestep, then (index -1)
-        # of the level after the last step: s = 0 (lambda = inf) or s_0 (final_sigmas_type)
-        s = torch.cat([s, s[:1] if self._config.final_sigmas_type == "sigma_min" else torch.zeros(1)])
-        alpha = 1 / (s ** 2 + 1) ** 0.5
-        self._alpha, self._sigma = alpha, s * alpha
-        self._levels = list(zip(alpha.tolist(), self._sigma.tolist(),
-                                (torch.log(alpha) - torch.log(self._sigma)).tolist()))
         # the timesteps whose lambda = log(alpha / sigma) is at least lambda_min_clipped: 0 .. last - 1
+        alpha_bar = self._alphas_cumprod
         lambdas = torch.log(alpha_bar ** 0.5) - torch.log((1 - alpha_bar) ** 0.5)
         clipped = int(torch.searchsorted(lambdas.flip(0), self._config.lambda_min_clipped))
         self._last = self.num_train_timesteps - clipped
         if self._last < 1:
             raise ValueError(f"lambda_min_clipped={self._config.lambda_min_clipped} leaves out every timestep (the "
                              f"largest lambda is {float(lambdas[0]):.3g}); use a smaller value, -inf keeps them all")
-
-    def timesteps(self, num_inference_steps: int) -> Tensor:
-        """diffusers' DPMSolverMultistepScheduler.set_timesteps(N): with L = the timesteps whose lambda is
-        at least lambda_min_clipped (T by default), linspace: round(linspace(0, L - 1, N + 1)) without the
-        0; leading: arange(N + 1) * (L // (N + 1)) without the 0, plus steps_offset; trailing:
-        round(arange(L, 0, -T / N)) - 1; descending. Raises ValueError if timesteps repeat."""
-        n, cfg, last = self._check_steps(num_inference_steps), self._config, self._last
-        if cfg.timestep_spacing == "linspace":
-            ts = np.linspace(0, last - 1, n + 1).round()[::-1][:-1]
-        elif cfg.timestep_spacing == "leading":
-            ts = (np.arange(n + 1) * (last // (n + 1))).round()[::-1][:-1] + cfg.steps_offset
-        else:
-            ts = np.arange(last, 0, -self.num_train_timesteps / n).round() - 1
-        ts = ts.astype(np.int64)
-        if len(np.unique(ts)) != len(ts):
-            raise ValueError(f"num_inference_steps={n} gives repeated timesteps with timestep_spacing="
-                             f"{cfg.timestep_spacing!r} ({ts.tolist()}); use fewer steps")
-        return torch.from_numpy(ts.copy())
-
-    def _position(self, t: int, num_inference_steps: int) -> tuple[int, list[int]]:
-        ts = self.timesteps(num_inference_steps).tolist()
-        if t not in ts:
-            raise ValueError(f"timestep {t} is not one of timesteps({num_inference_steps}) = {ts}")
-        return ts.index(t), ts
-
-    def previous_timestep(self, t: int | Tensor, num_inference_steps: int) -> int:
-        """The entry after ``t`` in ``timesteps(num_inference_steps)``, or -1 (the final noise level) after the last."""
-        i, ts = self._position(self.timestep_index(t), num_inference_steps)
-        return ts[i + 1] if i + 1 < len(ts) else -1
-
-    def _alpha_sigma(self, t: int) -> tuple[Tensor, Tensor]:
-        """alpha_t, sigma_t (float32) as diffusers computes them from s = sqrt((1 - alpha_bar_t) / alpha_bar_t);
-        t = -1 is the level after the last step."""
-        return self._alpha[t], self._sigma[t]
 
     def _solver_input(self, model_output: Tensor, t: int, sample: Tensor) -> tuple[Tensor, Tensor]:
         """(what the solver integrates: x0 for the ++ types, eps otherwise; the predicted x0), thresholded
@@ -181,10 +129,7 @@ class DPMSolverMultistepScheduler(Scheduler):
         noise of the SDE types. Computed in float32 at least; returns x_{prev_t}, the predicted x0 and the
         history for the next step."""
         t, prev_t, cfg = self.timestep_index(t), int(prev_t), self._config
-        if not isinstance(history, (tuple, list)) or not all(
-                isinstance(e, tuple) and len(e) == 2 and torch.is_tensor(e[1]) for e in history):
-            raise TypeError("history must be the (timestep, tensor) pairs of the earlier steps, as the previous "
-                            f"step's MultistepOutput.history holds them; got {type(history).__name__}")
+        check_history(history)
         order = min(cfg.solver_order, len(history) + 1) if order is None else order
         if not 1 <= order <= min(cfg.solver_order, len(history) + 1):
             raise ValueError(f"order={order} needs 1 <= order <= solver_order={cfg.solver_order} and "

@@ -11,7 +11,7 @@ from torch.testing import assert_close
 import minidiff
 from conftest import TINY, diffusers_twin
 from minidiff.sampling.guidance import ColorGuidance, color_loss
-from minidiff.schedulers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from minidiff.schedulers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
 TARGET = (0.1, 0.9, 0.5)
 # DPM-Solver does not clip x0; thresholding at sample_max_value 1 clips it to [-1, 1] as DDPM and DDIM do, which
@@ -20,7 +20,8 @@ TARGET = (0.1, 0.9, 0.5)
 # throws x_t far off.
 SAMPLERS = {"ddpm": lambda: DDPMScheduler(), "ddim": lambda: DDIMScheduler(),
             "dpm2": lambda: DPMSolverMultistepScheduler(timestep_spacing="leading", thresholding=True),
-            "dpm3": lambda: DPMSolverMultistepScheduler(solver_order=3, timestep_spacing="leading", thresholding=True)}
+            "dpm3": lambda: DPMSolverMultistepScheduler(solver_order=3, timestep_spacing="leading", thresholding=True),
+            "unipc": lambda: UniPCMultistepScheduler(solver_order=3, timestep_spacing="leading", thresholding=True)}
 
 
 @pytest.fixture(scope="module")
@@ -197,12 +198,11 @@ def test_strength_picks_the_last_timesteps(unet, strength, calls):
     assert counted.calls == calls and seen == DDIMScheduler().timesteps(10).tolist()[10 - calls:]
 
 
-@pytest.mark.parametrize("name", ["ddim", "dpm2"])
+@pytest.mark.parametrize("name", ["ddim", "dpm2", "unipc"])
 def test_img2img_matches_diffusers_img2img_loop(unet, name):
     """As diffusers' img2img pipelines: timesteps[t_start:], set_begin_index(t_start), x = add_noise(x0, noise, t)."""
     ours = SAMPLERS[name]()
-    reference_scheduler = (diffusers.DDIMScheduler if name == "ddim" else diffusers.DPMSolverMultistepScheduler)(
-        **ours.config.to_dict())
+    reference_scheduler = getattr(diffusers, type(ours).__name__)(**ours.config.to_dict())
     reference, x0, noise = diffusers_twin(unet), images(), torch.randn(2, 3, 8, 8)
     reference_scheduler.set_timesteps(10)
     timesteps = reference_scheduler.timesteps[4:]

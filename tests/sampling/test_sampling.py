@@ -12,7 +12,7 @@ from conftest import TINY
 
 from minidiff import UNet
 from minidiff.sampling import sample
-from minidiff.schedulers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from minidiff.schedulers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
 BATCH = 2
 # The two UNets run different, equally exact convolution kernels (minidiff's CPU inference is channels_last,
@@ -204,7 +204,8 @@ def test_image_conditioned_sampling_guides_against_the_zero_image():
 
 
 @pytest.mark.parametrize("scheduler", [DDIMScheduler(num_train_timesteps=50), DDPMScheduler(num_train_timesteps=50),
-                                       DPMSolverMultistepScheduler(num_train_timesteps=50)], ids=type)
+                                       DPMSolverMultistepScheduler(num_train_timesteps=50),
+                                       UniPCMultistepScheduler(num_train_timesteps=50)], ids=type)
 def test_low_resolution_consistency_makes_samples_average_down_to_it(scheduler):
     torch.manual_seed(0)
     unet = UNet.from_config({**TINY, "sample_size": 16, "conditioning_channels": 3}).eval()
