@@ -1,7 +1,8 @@
 """Samplers side by side on the shipped models: quality against model calls for DDPM, DDIM and DPM-Solver++
-(orders 2 and 3), wall time and sampler overhead; and DDIM inversion's reconstruction error next to diffusers'.
+(orders 2 and 3), UniPC, wall time and sampler overhead; and DDIM inversion's reconstruction error next to diffusers'.
 
     python benchmarks/samplers.py [--models shapes-32] [--num_samples 512] [--quick]
+    python benchmarks/samplers.py --only "UniPC-2 (bh2)"   # rerun some samplers into the existing results
 
 Every sampler starts from the same x_T (same seed); DDIM is deterministic (eta = 0), DDPM draws its step noise
 from a second seeded generator. Each sampler is built from the model's own scheduler config
@@ -44,9 +45,11 @@ from torch import nn
 
 import minidiff
 from minidiff.data import load_dataset
+from minidiff.files import read_json
 from minidiff.io import list_pretrained, pretrained, pretrained_path
 from minidiff.judge import Judge, frechet_distance
-from minidiff.schedulers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, Scheduler
+from minidiff.schedulers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, Scheduler,
+                                 UniPCMultistepScheduler)
 
 RESULTS = Path(__file__).parent / "results"
 # held-out real images (load_dataset arguments) and the judge whose features measure quality, per model
@@ -62,6 +65,9 @@ def samplers(config: Any, quick: bool) -> dict[str, tuple[Callable[[], Scheduler
 
     def dpm(order: int, **extra: Any) -> Callable[[], Scheduler]:
         return lambda: DPMSolverMultistepScheduler.from_config({**config.to_dict(), "solver_order": order, **extra})
+
+    def unipc(order: int) -> Callable[[], Scheduler]:
+        return lambda: UniPCMultistepScheduler.from_config({**config.to_dict(), "solver_order": order})
     return {"DDPM": (lambda: DDPMScheduler.from_config(config), [1000] if quick else [100, 1000]),
             "DDIM": (lambda: DDIMScheduler.from_config(config), [10, 20, 50] if quick else [10, 20, 50, 100]),
             "DPM-Solver++ 2M": (dpm(2), [5, 10, 20] if quick else [5, 10, 15, 20, 30]),
@@ -69,7 +75,9 @@ def samplers(config: Any, quick: bool) -> dict[str, tuple[Callable[[], Scheduler
             "DPM-Solver++ 2M trailing clip": (dpm(2, **clipped), [5, 10, 20]),
             "DPM-Solver++ 3M trailing clip": (dpm(3, **clipped), [5, 10, 20]),
             "SDE-DPM-Solver++ 2M": (dpm(2, algorithm_type="sde-dpmsolver++"),
-                                    [10, 20] if quick else [10, 12, 15, 20, 30, 50])}
+                                    [10, 20] if quick else [10, 12, 15, 20, 30, 50]),
+            **{f"UniPC-{order} (bh2)": (unipc(order), [5, 10, 20] if quick else [5, 10, 15, 20, 30])
+               for order in (2, 3)}}
 
 
 class TimedUNet(nn.Module):
@@ -113,7 +121,9 @@ def run_sampler(unet: TimedUNet, scheduler: Scheduler, steps: int, x_t: torch.Te
             "overhead_pct": 100 * (total - sum(unet.calls)) / total, "overhead_pct_median_step": common.median(shares)}
 
 
-def measure_quality(model: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def measure_quality(model: str, args: argparse.Namespace,
+                    earlier: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows of every sampler (or of ``args.only``, added to the ``earlier`` rows of the other samplers)."""
     (ref_name, ref_kwargs), (real_name, real_kwargs), judge_name = MODELS[model]
     unet, scheduler = pretrained(model)
     unet = TimedUNet(unet.eval())
@@ -121,8 +131,10 @@ def measure_quality(model: str, args: argparse.Namespace) -> tuple[list[dict[str
     reference = judge_features(judge, real_images(ref_name, ref_kwargs, args.num_reference))
     real_fd = frechet_distance(judge_features(judge, real_images(real_name, real_kwargs, args.num_samples)), reference)
     x_t = torch.randn(args.num_samples, 3, 32, 32, generator=torch.Generator().manual_seed(args.seed))
-    rows = []
+    rows = [r for r in earlier if r["model"] == model and r["sampler"] not in (args.only or ())]
     for family, (make, step_counts) in samplers(scheduler.config, args.quick).items():
+        if args.only and family not in args.only:
+            continue
         run_sampler(unet, make(), 2, x_t)  # untimed warm-up: first-call costs are not the sampler's
         for steps in step_counts:
             run = run_sampler(unet, make(), steps, x_t)
@@ -278,24 +290,50 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="16 samples, 500 reference images, fewer step counts")
+    p.add_argument("--only", nargs="+", metavar="SAMPLER",
+                   help=f"rerun these samplers into --out's earlier results; one of {list(samplers_names())}")
     p.add_argument("--out", default=str(RESULTS / "samplers.json"))
     p.add_argument("--plot", default=str(RESULTS / "samplers.png"))
     args = p.parse_args()
     if args.quick:
         args.num_samples, args.num_reference, args.num_inversion = 16, 500, 4
+    unknown = set(args.only or ()) - set(samplers_names()) | ({"DDPM"} & set(args.only or ()))
+    if unknown:
+        p.error(f"--only {sorted(unknown)}: expected samplers of {list(samplers_names())[1:]} (DDPM-1000 is the "
+                "reference: rerun everything to change it)")
     return args
+
+
+def samplers_names() -> list[str]:
+    return list(samplers(DDPMScheduler().config, quick=False))
+
+
+def earlier_results(args: argparse.Namespace) -> dict[str, Any]:
+    """The results file ``--only`` adds to; it must come from a run with the same settings."""
+    if not args.only:
+        return {"rows": [], "inversion": []}
+    data = read_json(args.out)
+    before = data["args"]
+    differ = [f"{k}={before[k]}" for k in ("models", "num_samples", "num_reference", "seed", "quick")
+              if before[k] != vars(args)[k]]
+    if differ:
+        raise SystemExit(f"--only: {args.out} was measured with other settings ({', '.join(differ)}); use the same "
+                         "ones or rerun every sampler")
+    return data
 
 
 def main() -> None:
     args = parse_args()
     common.set_threads(args.threads)
-    rows, extras, inversion = [], [], []
+    earlier = earlier_results(args)
+    rows, extras, inversion = [], [], [] if not args.only else earlier["inversion"]
     for model in args.models:
         print(f"{model}:", flush=True)
-        model_rows, extra = measure_quality(model, args)
+        model_rows, extra = measure_quality(model, args, earlier["rows"])
         rows += model_rows
         extras.append({**extra, "smallest_steps_within_10pct": smallest_steps(model_rows)})
-        inversion += measure_inversion(model, args)
+        if not args.only:
+            inversion += measure_inversion(model, args)
     table = [[r["model"], r["sampler"], r["steps"], r["fd"], r["seconds"], r["speedup"], r["speedup_median_step"],
               r["speedup_per_unet_call"], r["overhead_pct"], r["overhead_pct_median_step"]] for r in rows]
     table += [[e["model"], "real images", None, e["real_fd"], None, None, None, None, None, None] for e in extras]
@@ -311,8 +349,11 @@ def main() -> None:
                                  for r in inversion]))
     targets = target_lines(rows, inversion)
     print("\nTargets:\n" + "\n".join(targets))
+    runs = earlier.get("runs", [{"environment": earlier["environment"], "args": earlier["args"]}]) \
+        if args.only else []
     common.save_results(args.out, {"args": vars(args), "rows": rows, "models": extras, "inversion": inversion,
-                                   "targets": targets})
+                                   "targets": targets, "runs": runs + [{"environment": common.environment(),
+                                                                        "args": vars(args)}]})
     plot(rows, extras, Path(args.plot))
 
 
