@@ -161,14 +161,20 @@ def test_predict_x0_is_the_step_x0():
     assert_close(sched.predict_x0(model(x, t), t, x), out.pred_original_sample, rtol=0, atol=0)
 
 
-def test_images_match_ddpm_pipeline():
-    """minidiff.sample with DPM-Solver++ = diffusers' DDPMPipeline driving its DPMSolverMultistepScheduler."""
+def twin_unets() -> tuple[diffusers.UNet2DModel, minidiff.UNet]:
+    """A small random diffusers UNet2DModel and the minidiff UNet with its weights."""
     torch.manual_seed(0)
     reference = diffusers.UNet2DModel(sample_size=8, block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1,
                                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
                                       up_block_types=("AttnUpBlock2D", "UpBlock2D")).eval()
     unet = minidiff.UNet.from_config(dict(reference.config, _class_name="UNet2DModel"))
     unet.load_state_dict(reference.state_dict())
+    return reference, unet.eval()
+
+
+def test_images_match_ddpm_pipeline():
+    """minidiff.sample with DPM-Solver++ = diffusers' DDPMPipeline driving its DPMSolverMultistepScheduler."""
+    reference, unet = twin_unets()
     for config in (dict(), dict(solver_order=3, solver_type="heun", beta_schedule="squaredcos_cap_v2"),
                    dict(algorithm_type="sde-dpmsolver++", timestep_spacing="trailing")):
         pipe = diffusers.DDPMPipeline(unet=reference, scheduler=theirs(**config))

@@ -7,7 +7,7 @@ import warnings
 import diffusers
 import pytest
 import torch
-from test_dpm_solver import ATOL, RTOL, model, start
+from test_dpm_solver import ATOL, RTOL, model, start, twin_unets
 from torch.testing import assert_close
 
 import minidiff
@@ -103,12 +103,7 @@ def test_bh1_to_sigma_zero_ends_at_the_predicted_x0_where_diffusers_gives_nan():
                                                 beta_schedule="squaredcos_cap_v2")])
 def test_images_match_diffusers_loop(config):
     """minidiff.sample with UniPC = a diffusers UNet2DModel driven by its UniPCMultistepScheduler."""
-    torch.manual_seed(0)
-    reference = diffusers.UNet2DModel(sample_size=8, block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1,
-                                      down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                                      up_block_types=("AttnUpBlock2D", "UpBlock2D")).eval()
-    unet = minidiff.UNet.from_config(dict(reference.config, _class_name="UNet2DModel"))
-    unet.load_state_dict(reference.state_dict())
+    reference, unet = twin_unets()
     sched = theirs(**config)
     sched.set_timesteps(6)
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
