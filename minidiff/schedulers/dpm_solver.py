@@ -129,7 +129,7 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
         noise of the SDE types. Computed in float32 at least; returns x_{prev_t}, the predicted x0 and the
         history for the next step."""
         t, prev_t, cfg = self.timestep_index(t), int(prev_t), self._config
-        check_history(history)
+        check_history(history, sample)
         order = min(cfg.solver_order, len(history) + 1) if order is None else order
         if not 1 <= order <= min(cfg.solver_order, len(history) + 1):
             raise ValueError(f"order={order} needs 1 <= order <= solver_order={cfg.solver_order} and "

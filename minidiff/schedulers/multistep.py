@@ -31,12 +31,16 @@ class MultistepSchedulerConfig(SchedulerConfig):
     }
 
 
-def check_history(history: History) -> None:
-    """``history`` must be (timestep, tensor) pairs, as a MultistepOutput holds them."""
+def check_history(history: History, sample: Tensor) -> None:
+    """``history`` must be (timestep, tensor) pairs, as a MultistepOutput holds them, of the sample's shape."""
     if not isinstance(history, (tuple, list)) or not all(
             isinstance(e, tuple) and len(e) == 2 and torch.is_tensor(e[1]) for e in history):
         raise TypeError("history must be the (timestep, tensor) pairs of the earlier steps, as the previous "
                         f"step's MultistepOutput.history holds them; got {type(history).__name__}")
+    for t, output in history:
+        if output.shape != sample.shape:
+            raise ValueError(f"history: the output at timestep {t} has shape {tuple(output.shape)} but the sample has "
+                             f"{tuple(sample.shape)}: pass the history of this run's previous step")
 
 
 class MultistepScheduler(Scheduler):

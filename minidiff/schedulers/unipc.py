@@ -142,7 +142,7 @@ class UniPCMultistepScheduler(MultistepScheduler):
         least; returns the next sample, the predicted x0 and the history for the next step."""
         t, cfg = self.timestep_index(timestep), self._config
         index, ts = self._position(t, num_inference_steps)
-        check_history(history)
+        check_history(history, sample)
         history = tuple(history) if index else ()  # a new run: nothing earlier counts
         if history and history[-1][0] != ts[index - 1]:
             raise ValueError(f"step {index} (timestep {t}) of {num_inference_steps} needs the history the step at "

@@ -151,6 +151,8 @@ def test_history_is_explicit_and_the_scheduler_stateless():
         assert torch.equal(v, state[k]) if torch.is_tensor(v) else v == state[k], k
     with pytest.raises(ValueError, match="order=3 needs .* 2 earlier outputs in history"):
         sched.update(model(x, ts[1]), ts[1], ts[2], x, history=first.history, order=3)
+    with pytest.raises(ValueError, match=r"history: the output at timestep \d+ has shape \(2, 3, 2, 2\)"):
+        sched.update(model(x, ts[1]), ts[1], ts[2], x, history=((ts[0], x[..., :2, :2]),))
 
 
 def test_predict_x0_is_the_step_x0():

@@ -131,6 +131,8 @@ def test_history_is_explicit_and_the_scheduler_stateless():
         sched.step(model(x, ts[5]), ts[5], x, num_inference_steps=20, history=history)
     with pytest.raises(TypeError, match="history must be the"):
         sched.step(model(x, ts[4]), ts[4], x, num_inference_steps=20, history=[x])
+    with pytest.raises(ValueError, match=r"history: the output at timestep \d+ has shape \(1, 3, 4, 4\)"):
+        sched.step(model(x, ts[4]), ts[4], x, num_inference_steps=20, history=tuple((t, m[:1]) for t, m in history))
 
 
 def test_the_corrector_keeps_a_change_made_to_x_between_steps():
