@@ -9,7 +9,7 @@ D_k = (m_k - m0) / r_k for the outputs m_k of earlier steps (eq. 5 and Alg. 2-3 
 
 (ratio, scale) = (sigma_t / sigma_s0, alpha_t) for x0 and (alpha_t / alpha_s0, sigma_t) for eps;
 B(h) = hh ("bh1") or e^hh - 1 ("bh2"). The a_k solve R a = g with R_ik = r_k^(i-1) and
-g_i = i! phi_{i+1}(hh) / B(h), phi_1(hh) = (e^hh - 1) / hh, phi_{i+1} = (phi_i - 1 / i!) / hh; UniP-2 takes
+g_i = i! hh phi_{i+1}(hh) / B(h), phi_1(hh) = (e^hh - 1) / hh, phi_{i+1} = (phi_i - 1 / i!) / hh; UniP-2 takes
 a = 1/2. UniC adds the new output m_t, taken at x_t, as one more difference D_t = m_t - m0 (r = 1), with
 its own a (1/2 at order 1), and recomputes x_t. Since both start from the same x_s0, the corrected x_t is
 x_t plus the difference of the two sums: the corrector needs only the history of outputs, and a guide's
@@ -61,7 +61,7 @@ class UniPCMultistepSchedulerConfig(MultistepSchedulerConfig):
                              "must be of order 1: it has h = inf); use final_sigmas_type='sigma_min'")
 
 
-def _coefficients(rks: list[float], hh: float, bh2: bool, order: int) -> tuple[float, float, list[float]]:
+def _coefficients(hh: float, bh2: bool, order: int) -> tuple[float, float, list[float]]:
     """(e^hh - 1, B(h), g_1..g_order) of the module docstring."""
     h_phi_1 = math.expm1(hh)
     b_h = h_phi_1 if bh2 else hh
@@ -112,7 +112,7 @@ class UniPCMultistepScheduler(MultistepScheduler):
         adds to x_t (module docstring)."""
         (s0, m0), earlier = history[-1], history[-order:-1][::-1]
         _, scale, hh, rks = self._terms(s0, t, earlier)
-        _, b_h, g = _coefficients(rks, hh, self._config.solver_type == "bh2", order)
+        _, b_h, g = _coefficients(hh, self._config.solver_type == "bh2", order)
         corrector = [0.5] if order == 1 else _solve(rks + [1.0], g)
         predictor = [] if order == 1 else [0.5] if order == 2 else _solve(rks, g)
         out = (m_t.float() - m0) * (-scale * b_h * corrector[-1])
@@ -123,7 +123,7 @@ class UniPCMultistepScheduler(MultistepScheduler):
     def _predict(self, x: Tensor, m_t: Tensor, t: int, u: int, earlier: History, order: int) -> Tensor:
         """UniP-``order`` from x at t to u, with m_t and the outputs ``earlier`` (newest first)."""
         ratio, scale, hh, rks = self._terms(t, u, earlier)
-        h_phi_1, b_h, g = _coefficients(rks, hh, self._config.solver_type == "bh2", order)
+        h_phi_1, b_h, g = _coefficients(hh, self._config.solver_type == "bh2", order)
         prev = x * ratio
         prev.add_(m_t, alpha=-scale * h_phi_1)
         if order > 1:  # order 1 has no B(h) term (bh1's B(h) is infinite at a last step to sigma = 0)
